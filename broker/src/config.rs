@@ -1,0 +1,296 @@
+//! `broker.toml`, environment overrides (`BROKER__SECTION__KEY`) and validation.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} not found: pass --config PATH or run from the folder that holds broker.toml")]
+    NotFound { path: PathBuf },
+    #[error("{path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("{path}: key `{key}`: {problem}")]
+    BadValue {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub tls: TlsConfig,
+    pub session: SessionConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub bind: SocketAddr,
+    pub handshake_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub auto_generate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// QoS 1/2 messages sent to a client and not yet acknowledged, at most.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the inflight window (offline included).
+    pub max_queued: usize,
+    /// Longest keep alive granted; a larger request is lowered (MQTT 5 Server Keep Alive).
+    pub max_keepalive_secs: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    /// Folder of the daily-rotated `broker.log`; empty: no file.
+    pub dir: PathBuf,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            handshake_timeout_secs: 10,
+            connect_timeout_secs: 10,
+            max_connections: 10_000,
+            max_packet_size: 1 << 20,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: "certs/ca.crt".into(),
+            cert_file: "certs/broker.crt".into(),
+            key_file: "certs/broker.key".into(),
+            auto_generate: true,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight: 100,
+            max_queued: 10_000,
+            max_keepalive_secs: 3600,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "data".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            dir: "logs".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listener: ListenerConfig::default(),
+            tls: TlsConfig::default(),
+            session: SessionConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `BROKER__SECTION__KEY` environment overrides, checks every
+    /// value and resolves relative paths against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::NotFound { path: path.into() });
+        }
+        let invalid = |source| ConfigError::Invalid {
+            path: path.into(),
+            source,
+        };
+        let mut config: Config = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("BROKER")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)?;
+        config.validate(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key, problem: &str| {
+            Err(ConfigError::BadValue {
+                path: path.into(),
+                key,
+                problem: problem.into(),
+            })
+        };
+        let l = &self.listener;
+        if l.handshake_timeout_secs == 0 {
+            return bad("listener.handshake_timeout_secs", "must be at least 1");
+        }
+        if l.connect_timeout_secs == 0 {
+            return bad("listener.connect_timeout_secs", "must be at least 1");
+        }
+        if l.max_connections == 0 {
+            return bad("listener.max_connections", "must be at least 1");
+        }
+        if !(128..=268_435_455).contains(&l.max_packet_size) {
+            return bad(
+                "listener.max_packet_size",
+                "must be between 128 and 268435455 bytes",
+            );
+        }
+        if self.session.max_inflight == 0 {
+            return bad("session.max_inflight", "must be at least 1");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(
+                "log.level",
+                "must be a level (error, warn, info, debug, trace) or a tracing filter",
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes every relative path relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.tls.ca_file,
+            &mut self.tls.cert_file,
+            &mut self.tls.key_file,
+            &mut self.storage.data_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if !self.log.dir.as_os_str().is_empty() && self.log.dir.is_relative() {
+            self.log.dir = base.join(&self.log.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn shipped_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listener.bind.port(), 8883);
+        assert!(config.tls.auto_generate);
+        assert!(config.tls.ca_file.ends_with("certs/ca.crt"));
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[tls]\nca_file = \"pki/ca.pem\"\n");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.tls.ca_file, dir.path().join("pki/ca.pem"));
+        assert_eq!(config.storage.data_dir, dir.path().join("data"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[listener]\nbindd = \"0.0.0.0:1\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("bindd"), "{err}");
+        assert!(err.contains("broker.toml"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[listener]\nmax_connections = \"many\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("max_connections"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[listener]\nhandshake_timeout_secs = 0\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("listener.handshake_timeout_secs"), "{err}");
+        let path = write(dir.path(), "[log]\nlevel = \"loud!!\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_says_what_to_do() {
+        let err = Config::load(Path::new("/nonexistent/broker.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/broker.toml") && err.contains("--config"));
+    }
+}

@@ -1,0 +1,139 @@
+//! A new socket, up to the point it becomes a session's client: TLS handshake in its
+//! own task under a timeout, identity from the certificate, CONNECT under a timeout.
+//! Every refusal is logged once, at WARN, with the address and the reason.
+
+use crate::codec::{ConnectCode, FirstPacket, Framed, Outbound, ReadError, Version};
+use crate::refusal::Refusal;
+use crate::registry::{Attached, SessionKey};
+use crate::server::Shared;
+use crate::session::{self, Client, TlsStream};
+use crate::tls;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout;
+use tracing::warn;
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// First byte of an MQTT CONNECT.
+const MQTT_CONNECT: u8 = 0x10;
+
+pub fn log_refusal(addr: SocketAddr, identity: Option<&str>, client_id: Option<&str>, why: &Refusal) {
+    warn!(
+        addr = %addr,
+        identity = identity.unwrap_or("-"),
+        client_id = client_id.unwrap_or("-"),
+        reason = %why,
+        "connection refused: {why}"
+    );
+}
+
+/// Serves one accepted socket until it is refused or handed to a session.
+pub async fn handle(tcp: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePermit, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let listener = &shared.config.listener;
+    let tls = match timeout(listener.handshake_timeout(), handshake(tcp, &shared)).await {
+        Err(_) => return log_refusal(addr, None, None, &Refusal::HandshakeTimeout),
+        Ok(Err(why)) => return log_refusal(addr, None, None, &why),
+        Ok(Ok(tls)) => tls,
+    };
+    let Some(identity) = tls::identity(tls.get_ref().1.peer_certificates()) else {
+        return log_refusal(addr, None, None, &Refusal::NoIdentity);
+    };
+    let (reader, writer) = tokio::io::split(tls);
+    let mut framed = Framed::new(reader, writer, listener.max_packet_size);
+    let refuse = |why: Refusal| log_refusal(addr, Some(&identity), None, &why);
+    let first = match timeout(listener.connect_timeout(), framed.read_connect()).await {
+        Err(_) => return refuse(Refusal::ConnectTimeout),
+        Ok(Err(ReadError::TooLarge { size, max })) => {
+            return refuse(Refusal::PacketTooLarge { size, max })
+        }
+        Ok(Err(ReadError::Closed)) => {
+            return refuse(Refusal::BadConnect("connection closed before CONNECT".into()))
+        }
+        Ok(Err(e)) => return refuse(Refusal::BadConnect(e.to_string())),
+        Ok(Ok(first)) => first,
+    };
+    let mut info = match first {
+        FirstPacket::NotConnect(why) => return refuse(Refusal::NotMqtt(why)),
+        FirstPacket::UnsupportedProtocol(level) => {
+            // Answered in 3.1.1 form, which every version can read (MQTT 5 §3.1.2.2).
+            framed.version = Version::V311;
+            framed.queue(Outbound::ConnAck {
+                session_present: false,
+                code: ConnectCode::UnsupportedProtocol,
+                properties: None,
+            });
+            framed.shutdown().await;
+            return refuse(Refusal::UnsupportedProtocol(level));
+        }
+        FirstPacket::Connect(info) => info,
+    };
+
+    let mut assigned_id = false;
+    let mut rejection = None;
+    if info.client_id.is_empty() {
+        if info.clean_start {
+            info.client_id = format!("auto-{}", shared.next_id());
+            assigned_id = true;
+        } else {
+            rejection = Some((
+                ConnectCode::ClientIdRejected,
+                "empty client id without clean session",
+            ));
+        }
+    }
+    if let Some(will) = &info.will {
+        if !crate::topic::valid_name(&will.message.topic) {
+            rejection = Some((ConnectCode::TopicNameInvalid, "invalid will topic"));
+        }
+    }
+    if let Some((code, why)) = rejection {
+        framed.queue(Outbound::ConnAck {
+            session_present: false,
+            code,
+            properties: None,
+        });
+        framed.shutdown().await;
+        let why = Refusal::BadConnect(why.into());
+        return log_refusal(addr, Some(&identity), Some(&info.client_id), &why);
+    }
+
+    let key = SessionKey {
+        identity: identity.clone(),
+        client_id: info.client_id.clone(),
+    };
+    let client = Box::new(Client {
+        framed,
+        info,
+        identity,
+        addr,
+        assigned_id,
+        permit,
+    });
+    let new_id = shared.next_id();
+    if let Attached::New { client, id, rx } = shared.registry.attach(key.clone(), client, new_id) {
+        session::run(shared.clone(), key, id, client, rx).await;
+    }
+}
+
+async fn handshake(tcp: TcpStream, shared: &Shared) -> Result<TlsStream, Refusal> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(0) => return Err(Refusal::HandshakeFailed("closed before the handshake".into())),
+        Ok(_) if first[0] != TLS_HANDSHAKE => {
+            return Err(Refusal::NotTls {
+                plain_mqtt: first[0] == MQTT_CONNECT,
+            })
+        }
+        Ok(_) => {}
+        Err(e) => return Err(Refusal::HandshakeFailed(e.to_string())),
+    }
+    shared
+        .acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| tls::classify(&e))
+}

@@ -1,0 +1,22 @@
+//! A secure MQTT broker: rumqttd's router behind our own mutual-TLS edge.
+//!
+//! `server` accepts sockets; `connection` does the TLS handshake and reads CONNECT;
+//! `session` owns a client's state and its router link; `router` wraps rumqttd.
+//! See docs/ARCHITECTURE.md.
+
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod logging;
+pub mod pki;
+pub mod refusal;
+pub mod registry;
+pub mod retained;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod topic;
+
+pub use config::Config;
+pub use server::{start, Handle, StartError};

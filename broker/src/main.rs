@@ -1,0 +1,105 @@
+//! `broker`: runs the MQTT broker, or manages its development PKI.
+
+use anyhow::Context;
+use broker::{config::Config, logging, pki};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Secure MQTT broker: mutual TLS on 8883, identity from the client certificate",
+    after_help = "Examples:\n  broker                         run with ./broker.toml\n  broker --config /etc/broker.toml\n  broker certs --san mqtt.example.org --client sensor-1\n  BROKER__LISTENER__BIND=127.0.0.1:18883 broker"
+)]
+struct Cli {
+    /// Configuration file; every key can be overridden by BROKER__SECTION__KEY.
+    #[arg(long, default_value = "broker.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the development PKI: CA, broker and client certificates (PEM).
+    Certs {
+        /// Folder for the files.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Extra subject alternative name for the broker certificate (repeatable).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Extra client certificate with CN=NAME (repeatable).
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// Replace valid existing files too (a new CA re-issues everything).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Certs {
+            dir,
+            sans,
+            clients,
+            force,
+        }) => certs(dir, sans, clients, force),
+        None => run(cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn certs(dir: PathBuf, sans: Vec<String>, clients: Vec<String>, force: bool) -> anyhow::Result<()> {
+    let layout = pki::Layout::in_dir(&dir);
+    let request = pki::Request {
+        extra_sans: sans,
+        extra_clients: clients,
+        force,
+    };
+    let outcomes = pki::ensure(&layout, &request)?;
+    for o in &outcomes {
+        let what = if o.written { "wrote" } else { "kept " };
+        println!("{what} {} (+ .key)", o.path.display());
+    }
+    println!(
+        "PKI in {}: broker SANs {}",
+        dir.display(),
+        pki::server_sans(&request.extra_sans).join(", ")
+    );
+    Ok(())
+}
+
+fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let _guard = logging::init(&config.log)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let handle = broker::start(config).await?;
+        handle.run_until(shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: shutting down");
+}

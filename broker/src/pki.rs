@@ -1,0 +1,430 @@
+//! The development PKI: a CA, the broker's server certificate and client
+//! certificates whose CN is the client's identity, all generated with rcgen.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose,
+};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// Client identities every development PKI contains.
+pub const DEFAULT_CLIENTS: [&str; 2] = ["publisher", "subscriber"];
+const CA_DAYS: i64 = 3650;
+const LEAF_DAYS: i64 = 365;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid PEM certificate or key: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("the CA certificate {cert} exists but its key {key} is missing: restore the key, or regenerate everything with --force")]
+    CaKeyMissing { cert: PathBuf, key: PathBuf },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// A certificate authority able to sign leaf certificates.
+pub struct Authority {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+}
+
+/// A leaf certificate to issue.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub common_name: String,
+    pub sans: Vec<String>,
+    pub usage: Usage,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl LeafSpec {
+    /// A client certificate valid from now for `days`.
+    pub fn client(name: &str, days: i64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            common_name: name.into(),
+            sans: Vec::new(),
+            usage: Usage::Client,
+            not_before: now - Duration::minutes(5),
+            not_after: now + Duration::days(days),
+        }
+    }
+
+    /// A server certificate for `sans`, valid from now for `days`.
+    pub fn server(name: &str, sans: Vec<String>, days: i64) -> Self {
+        Self {
+            sans,
+            usage: Usage::Server,
+            ..Self::client(name, days)
+        }
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Authority {
+    /// A new self-signed CA.
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(CA_DAYS);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA stored in `cert_path` and `key_path`.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
+        let cert_pem = read(cert_path)?;
+        let key_pem = read(key_path)?;
+        let parse = |path: &Path, e: rcgen::Error| PkiError::Parse {
+            path: path.into(),
+            reason: e.to_string(),
+        };
+        let params =
+            CertificateParams::from_ca_cert_pem(&cert_pem).map_err(|e| parse(cert_path, e))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| parse(key_path, e))?;
+        // Re-signing the parsed parameters rebuilds an issuer with the same subject and
+        // key identifier; certificates it signs verify against the original file.
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Signs a new leaf certificate with a fresh key.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::new(spec.sans.clone())?;
+        params.distinguished_name = dn(&spec.common_name);
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![match spec.usage {
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "mqtt-stack development PKI");
+    dn
+}
+
+/// Where the files of a PKI live.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Folder of the client pairs `<name>.crt` / `<name>.key`.
+    pub client_dir: PathBuf,
+}
+
+impl Layout {
+    /// The standard layout: `ca.crt`, `ca.key`, `broker.crt`, `broker.key`, clients, in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca_cert: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("broker.crt"),
+            server_key: dir.join("broker.key"),
+            client_dir: dir.into(),
+        }
+    }
+
+    /// The layout around a broker's configured files: the CA key beside the CA
+    /// certificate, the clients in the CA's folder.
+    pub fn for_broker(ca_cert: &Path, server_cert: &Path, server_key: &Path) -> Self {
+        let dir = ca_cert.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self {
+            ca_cert: ca_cert.into(),
+            ca_key: ca_cert.with_extension("key"),
+            server_cert: server_cert.into(),
+            server_key: server_key.into(),
+            client_dir: dir,
+        }
+    }
+
+    pub fn client_cert(&self, name: &str) -> PathBuf {
+        self.client_dir.join(format!("{name}.crt"))
+    }
+
+    pub fn client_key(&self, name: &str) -> PathBuf {
+        self.client_dir.join(format!("{name}.key"))
+    }
+}
+
+/// What `ensure` should create.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Extra subject alternative names for the broker certificate.
+    pub extra_sans: Vec<String>,
+    /// Extra client identities besides publisher and subscriber.
+    pub extra_clients: Vec<String>,
+    /// Replace valid existing files too.
+    pub force: bool,
+}
+
+/// One file `ensure` looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub path: PathBuf,
+    pub written: bool,
+}
+
+/// Creates whatever part of the PKI is missing or invalid; keeps valid files unless
+/// `force`. A new CA re-issues every certificate. Private keys are mode 0600.
+pub fn ensure(layout: &Layout, request: &Request) -> Result<Vec<Outcome>, PkiError> {
+    let mut outcomes = Vec::new();
+    let ca_valid = !request.force && cert_usable(&layout.ca_cert);
+    let (ca, new_ca) = if ca_valid {
+        if !layout.ca_key.is_file() {
+            return Err(PkiError::CaKeyMissing {
+                cert: layout.ca_cert.clone(),
+                key: layout.ca_key.clone(),
+            });
+        }
+        (Authority::load(&layout.ca_cert, &layout.ca_key)?, false)
+    } else {
+        let ca = Authority::generate("mqtt-stack development CA")?;
+        write_pair(&layout.ca_cert, &ca.cert_pem(), &layout.ca_key, &ca.key_pem())?;
+        (ca, true)
+    };
+    outcomes.push(Outcome {
+        path: layout.ca_cert.clone(),
+        written: new_ca,
+    });
+
+    let rewrite = |cert: &Path, key: &Path| new_ca || !cert_usable(cert) || !key.is_file();
+    if rewrite(&layout.server_cert, &layout.server_key) {
+        let issued = ca.issue(&LeafSpec::server(
+            "broker",
+            server_sans(&request.extra_sans),
+            LEAF_DAYS,
+        ))?;
+        write_pair(
+            &layout.server_cert,
+            &issued.cert_pem,
+            &layout.server_key,
+            &issued.key_pem,
+        )?;
+        outcomes.push(Outcome {
+            path: layout.server_cert.clone(),
+            written: true,
+        });
+    } else {
+        outcomes.push(Outcome {
+            path: layout.server_cert.clone(),
+            written: false,
+        });
+    }
+
+    let clients = DEFAULT_CLIENTS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(request.extra_clients.iter().cloned());
+    for name in clients {
+        let (cert, key) = (layout.client_cert(&name), layout.client_key(&name));
+        let written = rewrite(&cert, &key);
+        if written {
+            let issued = ca.issue(&LeafSpec::client(&name, LEAF_DAYS))?;
+            write_pair(&cert, &issued.cert_pem, &key, &issued.key_pem)?;
+        }
+        outcomes.push(Outcome {
+            path: cert,
+            written,
+        });
+    }
+    Ok(outcomes)
+}
+
+/// localhost, the loopback addresses, this machine's hostname, and `extra`.
+pub fn server_sans(extra: &[String]) -> Vec<String> {
+    let mut sans: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(host) = hostname() {
+        sans.push(host);
+    }
+    sans.extend(extra.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    sans.retain(|s| seen.insert(s.clone()));
+    sans
+}
+
+fn hostname() -> Option<String> {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty() && name != "localhost").then(|| name.to_string())
+}
+
+/// A certificate file that parses and is currently within its validity period.
+fn cert_usable(path: &Path) -> bool {
+    let Ok(pem) = fs::read(path) else {
+        return false;
+    };
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(&pem) else {
+        return false;
+    };
+    pem.parse_x509()
+        .map(|cert| cert.validity().is_valid())
+        .unwrap_or(false)
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn write_pair(cert: &Path, cert_pem: &str, key: &Path, key_pem: &str) -> Result<(), PkiError> {
+    write_file(key, key_pem, 0o600)?;
+    write_file(cert, cert_pem, 0o644)
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let err = |source| PkiError::Write {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(err)?;
+    }
+    // Written beside and renamed into place so a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(contents.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn creates_full_pki_with_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::in_dir(dir.path());
+        let out = ensure(&layout, &Request::default()).unwrap();
+        assert!(out.iter().all(|o| o.written));
+        for name in ["ca", "broker", "publisher", "subscriber"] {
+            let key = dir.path().join(format!("{name}.key"));
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}.key");
+            assert!(cert_usable(&dir.path().join(format!("{name}.crt"))));
+        }
+        let pem = fs::read(dir.path().join("publisher.crt")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "publisher");
+    }
+
+    #[test]
+    fn idempotent_and_extra_client_signed_by_existing_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::in_dir(dir.path());
+        ensure(&layout, &Request::default()).unwrap();
+        let ca_before = fs::read(&layout.ca_cert).unwrap();
+        let request = Request {
+            extra_clients: vec!["sensor-1".into()],
+            ..Request::default()
+        };
+        let out = ensure(&layout, &request).unwrap();
+        let written: Vec<_> = out.iter().filter(|o| o.written).collect();
+        assert_eq!(written.len(), 1);
+        assert!(written[0].path.ends_with("sensor-1.crt"));
+        assert_eq!(fs::read(&layout.ca_cert).unwrap(), ca_before);
+
+        let forced = Request {
+            force: true,
+            ..Request::default()
+        };
+        let out = ensure(&layout, &forced).unwrap();
+        assert!(out.iter().all(|o| o.written));
+        assert_ne!(fs::read(&layout.ca_cert).unwrap(), ca_before);
+    }
+
+    #[test]
+    fn ca_without_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::in_dir(dir.path());
+        ensure(&layout, &Request::default()).unwrap();
+        fs::remove_file(&layout.ca_key).unwrap();
+        let err = ensure(&layout, &Request::default()).unwrap_err().to_string();
+        assert!(err.contains("ca.key") && err.contains("--force"), "{err}");
+    }
+
+    #[test]
+    fn server_sans_cover_loopback_and_extras() {
+        let sans = server_sans(&["mqtt.example".into(), "localhost".into()]);
+        for s in ["localhost", "127.0.0.1", "::1", "mqtt.example"] {
+            assert_eq!(sans.iter().filter(|x| *x == s).count(), 1, "{s}");
+        }
+    }
+}

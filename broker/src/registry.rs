@@ -1,0 +1,118 @@
+//! Live sessions by (certificate identity, client id). Keying by identity means a
+//! certificate can never reach another identity's session, whatever client id it sends.
+
+use crate::session::Client;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tokio::sync::{mpsc, Notify};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub identity: String,
+    pub client_id: String,
+}
+
+/// Messages to a session task.
+pub enum Control {
+    /// A new connection for this session (a reconnect or a takeover).
+    Attach(Box<Client>),
+    /// The broker is stopping.
+    Shutdown,
+}
+
+struct Entry {
+    id: u64,
+    tx: mpsc::UnboundedSender<Control>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<SessionKey, Entry>>,
+    emptied: Notify,
+}
+
+/// What `attach` did with a client.
+pub enum Attached {
+    /// Handed to the live session.
+    Existing,
+    /// No live session: the caller starts one with this id and receiver.
+    New {
+        client: Box<Client>,
+        id: u64,
+        rx: mpsc::UnboundedReceiver<Control>,
+    },
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Entry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `client` to its live session, or registers a new one under `new_id`.
+    pub fn attach(&self, key: SessionKey, client: Box<Client>, new_id: u64) -> Attached {
+        let mut sessions = self.lock();
+        let client = match sessions.get(&key) {
+            Some(entry) => match entry.tx.send(Control::Attach(client)) {
+                Ok(()) => return Attached::Existing,
+                Err(mpsc::error::SendError(Control::Attach(client))) => client,
+                Err(_) => return Attached::Existing,
+            },
+            None => client,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        sessions.insert(key, Entry { id: new_id, tx });
+        Attached::New {
+            client,
+            id: new_id,
+            rx,
+        }
+    }
+
+    /// Removes session `id` unless a message reached it meanwhile, which is returned
+    /// for the session to handle. Checked under the lock `attach` takes, so no
+    /// connection is ever handed to a session that has gone.
+    pub fn finish(
+        &self,
+        key: &SessionKey,
+        id: u64,
+        rx: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Option<Control> {
+        let mut sessions = self.lock();
+        if let Ok(control) = rx.try_recv() {
+            return Some(control);
+        }
+        if sessions.get(key).is_some_and(|e| e.id == id) {
+            sessions.remove(key);
+        }
+        if sessions.is_empty() {
+            self.emptied.notify_waiters();
+        }
+        None
+    }
+
+    /// Tells every session to stop.
+    pub fn shutdown_all(&self) {
+        for entry in self.lock().values() {
+            let _ = entry.tx.send(Control::Shutdown);
+        }
+    }
+
+    /// Waits until no session is left.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,170 @@
+//! The listener: accepts sockets under a connection limit, gives each its own task,
+//! and stops everything on shutdown.
+
+use crate::config::Config;
+use crate::connection::{self, log_refusal};
+use crate::pki;
+use crate::refusal::Refusal;
+use crate::registry::Registry;
+use crate::retained::Retained;
+use crate::router::Router;
+use crate::tls::{self, TlsError};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+/// How long shutdown waits for sessions to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS: {0}; set [tls] auto_generate = true to create a development PKI, or fix the file")]
+    Tls(#[from] TlsError),
+    #[error("cannot create the development PKI: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("cannot listen on {addr}: {source}; is another broker running? change [listener] bind")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State every connection and session shares.
+pub struct Shared {
+    pub config: Config,
+    pub acceptor: TlsAcceptor,
+    pub router: Router,
+    pub retained: Retained,
+    pub registry: Registry,
+    ids: AtomicU64,
+}
+
+impl Shared {
+    /// A process-unique number (session ids, message ids, assigned client ids).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running broker.
+pub struct Handle {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Handle {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every session, and returns when they are closed.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Runs until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+}
+
+/// Loads (or creates) the TLS material, starts the router, binds the listener and
+/// starts accepting. Returns once the listener is open.
+pub async fn start(config: Config) -> Result<Handle, StartError> {
+    let tls_conf = &config.tls;
+    if tls_conf.auto_generate {
+        ensure_development_pki(&config)?;
+    }
+    let server_config = tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
+    let bind = config.listener.bind;
+    let listener = TcpListener::bind(bind)
+        .await
+        .map_err(|source| StartError::Bind { addr: bind, source })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+    // Persistent sessions keep their link while offline: room for them too.
+    let router = Router::spawn(config.listener.max_connections.saturating_mul(2).max(64));
+    let shared = Arc::new(Shared {
+        acceptor: TlsAcceptor::from(server_config),
+        router,
+        retained: Retained::default(),
+        registry: Registry::default(),
+        ids: AtomicU64::new(1),
+        config,
+    });
+    let (stop, stopped) = watch::channel(false);
+    info!(addr = %local_addr, "listening for MQTT over mutual TLS");
+    let task = tokio::spawn(accept_loop(listener, shared, stopped));
+    Ok(Handle {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+fn ensure_development_pki(config: &Config) -> Result<(), StartError> {
+    let t = &config.tls;
+    if t.ca_file.is_file() && t.cert_file.is_file() && t.key_file.is_file() {
+        return Ok(());
+    }
+    let layout = pki::Layout::for_broker(&t.ca_file, &t.cert_file, &t.key_file);
+    let outcomes = pki::ensure(&layout, &pki::Request::default())?;
+    for o in outcomes.iter().filter(|o| o.written) {
+        info!(file = %o.path.display(), "certificate written");
+    }
+    warn!(
+        dir = %layout.client_dir.display(),
+        "created a DEVELOPMENT PKI (CA, broker and client certificates) in {}: fine for trying \
+         the stack, not for production; set [tls] auto_generate = false and use your own CA there",
+        layout.client_dir.display()
+    );
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let max = shared.config.listener.max_connections;
+    let permits = Arc::new(Semaphore::new(max));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.changed() => break,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Usually out of file descriptors: wait instead of spinning.
+                error!(error = %e, "accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(connection::handle(tcp, addr, permit, shared.clone()));
+            }
+            Err(_) => {
+                log_refusal(addr, None, None, &Refusal::TooManyConnections(max));
+                drop(tcp);
+            }
+        }
+    }
+    drop(listener);
+    info!(sessions = shared.registry.len(), "shutting down: closing sessions");
+    shared.registry.shutdown_all();
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.registry.wait_empty())
+        .await
+        .is_err()
+    {
+        warn!(left = shared.registry.len(), "some sessions did not close in time");
+    }
+    info!("broker stopped");
+}

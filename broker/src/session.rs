@@ -1,0 +1,892 @@
+//! A session: one task per (identity, client id) that owns the client's router link,
+//! its subscriptions, its QoS 1/2 state and its queue, and the socket while one is
+//! attached. A persistent session outlives its socket and keeps draining the router
+//! into its own queue, so nothing a QoS 1/2 subscriber is owed is lost while it is away.
+
+use crate::codec::{
+    reason, ConnectCode, ConnectInfo, Framed, Inbound, Message, Outbound, ReadError, SubRequest,
+    Version, Will,
+};
+use crate::registry::{Control, SessionKey};
+use crate::router::Envelope;
+use crate::server::Shared;
+use crate::topic;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use rumqttc::v5::mqttbytes::v5::ConnAckProperties;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{self as rp, Packet as RouterPacket};
+use rumqttd::Notification;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type Conn = Framed<ReadHalf<TlsStream>, WriteHalf<TlsStream>>;
+
+/// Topic aliases a client may set (MQTT 5).
+const TOPIC_ALIAS_MAX: u16 = 64;
+/// Packets handled, or router notifications drained, before one flush.
+const BATCH: usize = 256;
+/// Message ids remembered to drop the copies the router sends per overlapping filter.
+const RECENT_IDS: usize = 4096;
+
+/// An authenticated connection whose CONNECT was accepted, on its way to a session.
+pub struct Client {
+    pub framed: Conn,
+    pub info: ConnectInfo,
+    pub identity: String,
+    pub addr: SocketAddr,
+    /// The broker chose the client id (the client sent an empty one).
+    pub assigned_id: bool,
+    pub permit: OwnedSemaphorePermit,
+}
+
+struct Subscription {
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<usize>,
+    /// Held by the router; `$SYS` filters are served by the edge alone.
+    routed: bool,
+}
+
+struct Inflight {
+    message: Message,
+    seq: u64,
+    /// PUBREC received, PUBREL sent: waiting for PUBCOMP.
+    released: bool,
+}
+
+/// The socket side of an attached session.
+struct Attachment {
+    framed: Conn,
+    identity: String,
+    client_id: String,
+    addr: SocketAddr,
+    version: Version,
+    keep_alive: Option<Duration>,
+    last_seen: Instant,
+    will: Option<Will>,
+    receive_max: u16,
+    aliases_in: HashMap<u16, String>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Attachment {
+    fn deadline(&self) -> Option<Instant> {
+        // MQTT allows one and a half keep-alive periods of silence.
+        self.keep_alive.map(|ka| self.last_seen + ka * 3 / 2)
+    }
+}
+
+/// Recently delivered message ids, bounded.
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl RecentIds {
+    /// True when `id` was not seen yet.
+    fn insert(&mut self, id: u64) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+pub struct Session {
+    id: u64,
+    key: SessionKey,
+    shared: Arc<Shared>,
+    ctrl: mpsc::UnboundedReceiver<Control>,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    subs: HashMap<String, Subscription>,
+    inflight: HashMap<u16, Inflight>,
+    queue: VecDeque<Message>,
+    next_pkid: u16,
+    seq: u64,
+    qos2_in: HashSet<u16>,
+    expiry_secs: u32,
+    expires_at: Option<Instant>,
+    recent: RecentIds,
+    to_router: Vec<RouterPacket>,
+    dropped: u64,
+    conn: Option<Attachment>,
+}
+
+/// Runs a new session for `client` until it ends, then unregisters it.
+pub async fn run(
+    shared: Arc<Shared>,
+    key: SessionKey,
+    id: u64,
+    client: Box<Client>,
+    mut ctrl: mpsc::UnboundedReceiver<Control>,
+) {
+    let router = shared.router.clone();
+    let link_id = format!("s{id}");
+    let link = tokio::task::spawn_blocking(move || router.link(&link_id)).await;
+    let (link_tx, link_rx) = match link {
+        Ok(Ok(link)) => link,
+        failure => {
+            let why = match failure {
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+                Ok(Ok(_)) => String::new(),
+            };
+            error!(identity = %key.identity, client_id = %key.client_id, addr = %client.addr,
+                error = %why, "router refused a new session link; answering server unavailable");
+            refuse_unavailable(client).await;
+            while let Some(control) = shared.registry.finish(&key, id, &mut ctrl) {
+                if let Control::Attach(client) = control {
+                    refuse_unavailable(client).await;
+                }
+            }
+            return;
+        }
+    };
+    let mut session = Session {
+        id,
+        key,
+        shared,
+        ctrl,
+        link_tx,
+        link_rx,
+        subs: HashMap::new(),
+        inflight: HashMap::new(),
+        queue: VecDeque::new(),
+        next_pkid: 0,
+        seq: 0,
+        qos2_in: HashSet::new(),
+        expiry_secs: 0,
+        expires_at: None,
+        recent: RecentIds::default(),
+        to_router: Vec::new(),
+        dropped: 0,
+        conn: None,
+    };
+    session.attach(client, true).await;
+    loop {
+        session.serve().await;
+        let next = session
+            .shared
+            .registry
+            .finish(&session.key, session.id, &mut session.ctrl);
+        match next {
+            // A client arrived just as the session ended: it starts afresh.
+            Some(Control::Attach(client)) => {
+                session.reset();
+                session.attach(client, true).await;
+            }
+            Some(Control::Shutdown) | None => break,
+        }
+    }
+    session.teardown().await;
+}
+
+async fn refuse_unavailable(client: Box<Client>) {
+    let mut client = *client;
+    client.framed.queue(Outbound::ConnAck {
+        session_present: false,
+        code: ConnectCode::ServerUnavailable,
+        properties: None,
+    });
+    client.framed.shutdown().await;
+}
+
+async fn read_attached(conn: &mut Option<Attachment>) -> Result<Inbound, ReadError> {
+    match conn {
+        Some(c) => c.framed.read().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    /// Serves until the session should end: clean session closed, expired, or shutdown.
+    async fn serve(&mut self) {
+        loop {
+            let keep_alive = self.conn.as_ref().and_then(Attachment::deadline);
+            let expiry = if self.conn.is_none() {
+                self.expires_at
+            } else {
+                None
+            };
+            tokio::select! {
+                control = self.ctrl.recv() => match control {
+                    Some(Control::Attach(client)) => self.attach(client, false).await,
+                    Some(Control::Shutdown) | None => {
+                        self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
+                        return;
+                    }
+                },
+                read = read_attached(&mut self.conn) => self.on_read(read).await,
+                note = self.link_rx.next() => {
+                    if !self.on_link(note).await {
+                        self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
+                        return;
+                    }
+                }
+                _ = sleep_until(keep_alive) => {
+                    self.disconnect(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", true).await;
+                }
+                _ = sleep_until(expiry) => {
+                    info!(identity = %self.key.identity, client_id = %self.key.client_id, "session expired");
+                    return;
+                }
+            }
+            if self.conn.is_none() && self.expiry_secs == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Takes a new connection: closes the current one (takeover), answers CONNACK,
+    /// resends what is in flight and drains the queue.
+    async fn attach(&mut self, client: Box<Client>, is_new: bool) {
+        if self.conn.is_some() {
+            self.disconnect(reason::SESSION_TAKEN_OVER, "session taken over by a new connection", false)
+                .await;
+        }
+        let client = *client;
+        let info = client.info;
+        if info.clean_start && !is_new {
+            self.reset();
+        }
+        let session_present = !is_new && !info.clean_start;
+        self.expiry_secs = info.session_expiry;
+        self.expires_at = None;
+
+        let max_keepalive = self.shared.config.session.max_keepalive_secs;
+        let mut keep_alive = info.keep_alive;
+        let mut server_keep_alive = None;
+        if info.version == Version::V5 && max_keepalive > 0 && keep_alive > max_keepalive {
+            keep_alive = max_keepalive;
+            server_keep_alive = Some(max_keepalive);
+        }
+        let mut framed = client.framed;
+        framed.max_out = info.max_packet_size;
+        let properties = (info.version == Version::V5).then(|| ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: None,
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: Some(self.shared.config.listener.max_packet_size as u32),
+            assigned_client_identifier: client.assigned_id.then(|| self.key.client_id.clone()),
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        framed.queue(Outbound::ConnAck {
+            session_present,
+            code: ConnectCode::Accepted,
+            properties,
+        });
+        info!(
+            identity = %client.identity,
+            client_id = %self.key.client_id,
+            addr = %client.addr,
+            protocol = info.version.name(),
+            clean_start = info.clean_start,
+            session_present,
+            keep_alive,
+            "client connected"
+        );
+        self.conn = Some(Attachment {
+            framed,
+            identity: client.identity,
+            client_id: self.key.client_id.clone(),
+            addr: client.addr,
+            version: info.version,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(keep_alive.into())),
+            last_seen: Instant::now(),
+            will: info.will,
+            receive_max: info.receive_maximum,
+            aliases_in: HashMap::new(),
+            _permit: client.permit,
+        });
+
+        // Unacknowledged messages go again, in their original order, marked DUP.
+        let mut resend: Vec<(u64, u16)> = self.inflight.iter().map(|(p, m)| (m.seq, *p)).collect();
+        resend.sort_unstable();
+        for (_, pkid) in resend {
+            let Some(m) = self.inflight.get(&pkid) else {
+                continue;
+            };
+            let packet = if m.released {
+                Outbound::PubRel { pkid }
+            } else {
+                Outbound::Publish {
+                    message: m.message.clone(),
+                    pkid,
+                    dup: true,
+                }
+            };
+            self.send(packet);
+        }
+        self.pump();
+        self.flush().await;
+    }
+
+    /// Forgets all session state (Clean Start, or a session ended and begun again).
+    fn reset(&mut self) {
+        for (filter, sub) in self.subs.drain() {
+            if sub.routed {
+                self.to_router.push(RouterPacket::Unsubscribe(
+                    rp::Unsubscribe {
+                        pkid: 0,
+                        filters: vec![filter],
+                    },
+                    None,
+                ));
+            }
+        }
+        self.inflight.clear();
+        self.queue.clear();
+        self.qos2_in.clear();
+    }
+
+    async fn teardown(&mut self) {
+        self.flush_router().await;
+        let disconnect = RouterPacket::Disconnect(
+            rp::Disconnect {
+                reason_code: rp::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        // The only public way to unregister a link from the router.
+        if let Err(e) = self.link_tx.send(disconnect).await {
+            error!(client_id = %self.key.client_id, error = %e, "could not unregister router link");
+        }
+    }
+
+    fn send(&mut self, packet: Outbound) -> bool {
+        match &mut self.conn {
+            Some(c) => c.framed.queue(packet),
+            None => false,
+        }
+    }
+
+    fn version(&self) -> Version {
+        self.conn.as_ref().map_or(Version::V311, |c| c.version)
+    }
+
+    async fn on_read(&mut self, read: Result<Inbound, ReadError>) {
+        let mut next = read;
+        for _ in 0..BATCH {
+            match next {
+                Ok(packet) => {
+                    if !self.on_packet(packet).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.on_read_error(e).await;
+                    return;
+                }
+            }
+            next = match self.conn.as_mut().map(|c| c.framed.try_read()) {
+                Some(Ok(Some(packet))) => Ok(packet),
+                Some(Ok(None)) | None => break,
+                Some(Err(e)) => Err(e),
+            };
+        }
+        self.flush().await;
+    }
+
+    async fn on_read_error(&mut self, e: ReadError) {
+        match e {
+            ReadError::Closed => self.drop_connection("connection closed by client").await,
+            ReadError::Io(e) => {
+                self.drop_connection(&format!("connection lost: {e}")).await;
+            }
+            ReadError::TooLarge { size, max } => {
+                let why = crate::refusal::Refusal::PacketTooLarge { size, max }.to_string();
+                self.violation(reason::PACKET_TOO_LARGE, &why).await;
+            }
+            ReadError::Malformed(why) => {
+                self.violation(reason::MALFORMED, &format!("malformed packet: {why}"))
+                    .await;
+            }
+        }
+    }
+
+    /// Handles one packet; false when the connection was closed.
+    async fn on_packet(&mut self, packet: Inbound) -> bool {
+        if let Some(c) = &mut self.conn {
+            c.last_seen = Instant::now();
+        }
+        match packet {
+            Inbound::Publish {
+                message,
+                pkid,
+                dup: _,
+                topic_alias,
+            } => return self.on_publish(message, pkid, topic_alias).await,
+            Inbound::PubAck(pkid) | Inbound::PubComp(pkid) => {
+                self.inflight.remove(&pkid);
+                self.pump();
+            }
+            Inbound::PubRec(pkid) => {
+                if let Some(m) = self.inflight.get_mut(&pkid) {
+                    m.released = true;
+                }
+                self.send(Outbound::PubRel { pkid });
+            }
+            Inbound::PubRel(pkid) => {
+                self.qos2_in.remove(&pkid);
+                self.send(Outbound::PubComp { pkid });
+            }
+            Inbound::Subscribe { pkid, filters, id } => self.on_subscribe(pkid, filters, id).await,
+            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters),
+            Inbound::PingReq => {
+                self.send(Outbound::PingResp);
+            }
+            Inbound::Disconnect {
+                reason: code,
+                session_expiry,
+            } => {
+                if let Some(expiry) = session_expiry {
+                    if self.expiry_secs == 0 && expiry > 0 {
+                        self.violation(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
+                            .await;
+                        return false;
+                    }
+                    self.expiry_secs = expiry;
+                }
+                let with_will = code == reason::DISCONNECT_WITH_WILL;
+                self.close(None, "client disconnected", with_will).await;
+                return false;
+            }
+            Inbound::Unexpected(what) => {
+                self.violation(reason::PROTOCOL_ERROR, &format!("unexpected {what}"))
+                    .await;
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn on_publish(&mut self, mut message: Message, pkid: u16, alias: Option<u16>) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        if let Some(alias) = alias {
+            if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                self.violation(reason::TOPIC_ALIAS_INVALID, "topic alias out of range")
+                    .await;
+                return false;
+            }
+            if message.topic.is_empty() {
+                match conn.aliases_in.get(&alias) {
+                    Some(topic) => message.topic = topic.clone(),
+                    None => {
+                        self.violation(reason::PROTOCOL_ERROR, "unknown topic alias")
+                            .await;
+                        return false;
+                    }
+                }
+            } else {
+                conn.aliases_in.insert(alias, message.topic.clone());
+            }
+        }
+        if !topic::valid_name(&message.topic) {
+            let why = format!("invalid topic name {:?} in PUBLISH", message.topic);
+            self.violation(reason::TOPIC_NAME_INVALID, &why).await;
+            return false;
+        }
+        if message.qos == 2 && self.qos2_in.contains(&pkid) {
+            // A resent QoS 2 PUBLISH we already routed: acknowledge only.
+            self.send(Outbound::PubRec {
+                pkid,
+                reason: reason::SUCCESS,
+            });
+            return true;
+        }
+        let qos = message.qos;
+        self.route(message);
+        match qos {
+            1 => {
+                self.send(Outbound::PubAck {
+                    pkid,
+                    reason: reason::SUCCESS,
+                });
+            }
+            2 => {
+                self.qos2_in.insert(pkid);
+                self.send(Outbound::PubRec {
+                    pkid,
+                    reason: reason::SUCCESS,
+                });
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// Stores a retained message and hands the message to the router.
+    fn route(&mut self, mut message: Message) {
+        if message.retain {
+            self.shared.retained.set(&message);
+        }
+        let envelope = Envelope {
+            qos: message.qos,
+            retain: message.retain,
+            origin: self.id,
+            id: self.shared.next_id(),
+            properties: message.properties.take(),
+        };
+        let publish = rp::Publish::new(
+            Bytes::from(message.topic),
+            envelope.wrap(&message.payload),
+            false,
+        );
+        self.to_router.push(RouterPacket::Publish(publish, None));
+    }
+
+    async fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubRequest>, id: Option<usize>) {
+        let v5 = self.version() == Version::V5;
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut wanted_retained = Vec::new();
+        for req in filters {
+            if !topic::valid_filter(&req.filter) {
+                if let Some(c) = &self.conn {
+                    warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
+                        filter = %req.filter, "subscribe refused: invalid topic filter");
+                }
+                codes.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    reason::SUB_FAILURE_V4
+                });
+                continue;
+            }
+            let shared_sub = topic::split_shared(&req.filter).is_some();
+            let routed = shared_sub || !req.filter.starts_with('$');
+            let existed = self
+                .subs
+                .insert(
+                    req.filter.clone(),
+                    Subscription {
+                        qos: req.qos,
+                        no_local: req.no_local,
+                        retain_as_published: req.retain_as_published,
+                        id,
+                        routed,
+                    },
+                )
+                .is_some();
+            if routed && !existed {
+                self.to_router.push(RouterPacket::Subscribe(
+                    rp::Subscribe {
+                        pkid: 0,
+                        filters: vec![rp::Filter {
+                            path: req.filter.clone(),
+                            qos: rp::QoS::AtMostOnce,
+                            nolocal: false,
+                            preserve_retain: false,
+                            retain_forward_rule: rp::RetainForwardRule::Never,
+                        }],
+                    },
+                    None,
+                ));
+            }
+            codes.push(req.qos);
+            let send_retained = !shared_sub
+                && match req.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                wanted_retained.push((req.filter, req.qos));
+            }
+        }
+        self.send(Outbound::SubAck { pkid, codes });
+        // The router learns of the subscription before the retained snapshot is taken,
+        // so a message published meanwhile arrives live if it is not in the snapshot.
+        self.flush_router().await;
+        for (filter, granted) in wanted_retained {
+            for mut message in self.shared.retained.matching(&filter) {
+                message.qos = message.qos.min(granted);
+                message.retain = true;
+                if let Some(id) = id {
+                    message
+                        .properties
+                        .get_or_insert_with(Default::default)
+                        .subscription_identifiers = vec![id];
+                }
+                self.deliver(message, true);
+            }
+        }
+    }
+
+    fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for filter in filters {
+            match self.subs.remove(&filter) {
+                Some(sub) => {
+                    if sub.routed {
+                        self.to_router.push(RouterPacket::Unsubscribe(
+                            rp::Unsubscribe {
+                                pkid: 0,
+                                filters: vec![filter],
+                            },
+                            None,
+                        ));
+                    }
+                    codes.push(reason::SUCCESS);
+                }
+                None => codes.push(reason::NO_SUBSCRIPTION_EXISTED),
+            }
+        }
+        // Always answered here: the router never acknowledges an unknown filter.
+        self.send(Outbound::UnsubAck { pkid, codes });
+    }
+
+    /// Drains router notifications; false when the link is gone.
+    async fn on_link(&mut self, first: Result<Option<Notification>, LinkError>) -> bool {
+        let mut wake = false;
+        let mut next = first;
+        for _ in 0..BATCH {
+            match next {
+                Ok(Some(Notification::Forward(forward))) => self.on_forward(forward.publish),
+                Ok(Some(Notification::Unschedule)) => wake = true,
+                Ok(Some(Notification::Disconnect(..))) => {
+                    error!(client_id = %self.key.client_id, "router disconnected the session link");
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    error!(client_id = %self.key.client_id, error = %e, "router link failed");
+                    return false;
+                }
+            }
+            next = match self.link_rx.next().now_or_never() {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        if wake {
+            if let Err(e) = self.link_rx.wake().await {
+                error!(client_id = %self.key.client_id, error = %e, "router link failed");
+                return false;
+            }
+        }
+        self.flush().await;
+        true
+    }
+
+    fn on_forward(&mut self, publish: rp::Publish) {
+        let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
+            return;
+        };
+        let Some((envelope, payload)) = Envelope::unwrap(publish.payload) else {
+            error!(topic = %topic, "message without envelope from the router; dropped");
+            return;
+        };
+        let mut granted: Option<u8> = None;
+        let mut matching = 0;
+        let mut retain_as_published = false;
+        let mut ids = Vec::new();
+        for (filter, sub) in &self.subs {
+            if !topic::matches(filter, &topic) || (sub.no_local && envelope.origin == self.id) {
+                continue;
+            }
+            matching += 1;
+            granted = Some(granted.map_or(sub.qos, |g| g.max(sub.qos)));
+            retain_as_published |= sub.retain_as_published;
+            ids.extend(sub.id);
+        }
+        let Some(granted) = granted else {
+            return;
+        };
+        // Overlapping filters: the router sends one copy per filter; deliver one.
+        if matching > 1 && !self.recent.insert(envelope.id) {
+            return;
+        }
+        let mut properties = envelope.properties;
+        if !ids.is_empty() {
+            properties
+                .get_or_insert_with(Default::default)
+                .subscription_identifiers = ids;
+        }
+        self.deliver(
+            Message {
+                topic,
+                payload,
+                qos: envelope.qos.min(granted),
+                retain: retain_as_published && envelope.retain,
+                properties,
+            },
+            false,
+        );
+    }
+
+    fn window(&self) -> usize {
+        let client = self.conn.as_ref().map_or(0, |c| c.receive_max as usize);
+        client.min(self.shared.config.session.max_inflight as usize)
+    }
+
+    /// Sends a message now, or queues it; `force` ignores the queue limit (retained
+    /// messages on subscribe, bounded by the retained store itself).
+    fn deliver(&mut self, message: Message, force: bool) {
+        if message.qos == 0 {
+            // QoS 0 is not kept for offline clients.
+            self.send(Outbound::Publish {
+                message,
+                pkid: 0,
+                dup: false,
+            });
+            return;
+        }
+        if self.conn.is_some() && self.queue.is_empty() && self.inflight.len() < self.window() {
+            self.send_tracked(message);
+        } else if force || self.queue.len() < self.shared.config.session.max_queued {
+            self.queue.push_back(message);
+        } else {
+            self.dropped += 1;
+            if self.dropped == 1 || self.dropped % 1000 == 0 {
+                warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                    topic = %message.topic, dropped = self.dropped,
+                    max_queued = self.shared.config.session.max_queued,
+                    "session queue full: message dropped");
+            }
+        }
+    }
+
+    fn send_tracked(&mut self, message: Message) {
+        let pkid = self.alloc_pkid();
+        let sent = self.send(Outbound::Publish {
+            message: message.clone(),
+            pkid,
+            dup: false,
+        });
+        if sent {
+            self.seq += 1;
+            self.inflight.insert(
+                pkid,
+                Inflight {
+                    message,
+                    seq: self.seq,
+                    released: false,
+                },
+            );
+        } else {
+            warn!(client_id = %self.key.client_id, topic = %message.topic,
+                "message larger than the client's maximum packet size: not sent");
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Moves queued messages into the inflight window.
+    fn pump(&mut self) {
+        while self.conn.is_some() && self.inflight.len() < self.window() {
+            match self.queue.pop_front() {
+                Some(message) => self.send_tracked(message),
+                None => break,
+            }
+        }
+    }
+
+    async fn flush_router(&mut self) {
+        let Some(last) = self.to_router.pop() else {
+            return;
+        };
+        self.link_tx.buffer().extend(self.to_router.drain(..));
+        // One notification for the whole batch.
+        if let Err(e) = self.link_tx.send(last).await {
+            error!(client_id = %self.key.client_id, error = %e, "router link failed");
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.flush_router().await;
+        let Some(conn) = &mut self.conn else {
+            return;
+        };
+        if conn.framed.has_pending_writes() {
+            if let Err(e) = conn.framed.flush().await {
+                self.drop_connection(&format!("write failed: {e}")).await;
+            }
+        }
+    }
+
+    /// The client broke the protocol: tell it why (MQTT 5), log, close, publish the will.
+    async fn violation(&mut self, code: u8, why: &str) {
+        if let Some(c) = &self.conn {
+            warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
+                reason = %why, "connection closed: {why}");
+        }
+        self.close(Some(code), why, true).await;
+    }
+
+    async fn drop_connection(&mut self, why: &str) {
+        self.close(None, why, true).await;
+    }
+
+    /// The broker ends the connection (shutdown, keep alive, takeover).
+    async fn disconnect(&mut self, code: u8, why: &str, with_will: bool) {
+        self.close(Some(code), why, with_will).await;
+    }
+
+    /// Closes the socket, keeping the session; the will is published unless the
+    /// client said DISCONNECT.
+    async fn close(&mut self, code: Option<u8>, why: &str, with_will: bool) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if let (Some(reason), Version::V5) = (code, conn.version) {
+            conn.framed.queue(Outbound::Disconnect { reason });
+        }
+        conn.framed.shutdown().await;
+        info!(identity = %conn.identity, client_id = %conn.client_id, addr = %conn.addr,
+            reason = %why, "client disconnected");
+        if with_will {
+            if let Some(will) = conn.will.take() {
+                self.route(will.message);
+                self.flush_router().await;
+            }
+        }
+        if self.expiry_secs != 0 && self.expiry_secs != u32::MAX {
+            self.expires_at = Some(Instant::now() + Duration::from_secs(self.expiry_secs.into()));
+        }
+    }
+}
