@@ -148,15 +148,33 @@ pub enum Outbound {
         pkid: u16,
         dup: bool,
     },
-    PubAck { pkid: u16, reason: u8 },
-    PubRec { pkid: u16, reason: u8 },
-    PubRel { pkid: u16 },
-    PubComp { pkid: u16 },
-    SubAck { pkid: u16, codes: Vec<u8> },
-    UnsubAck { pkid: u16, codes: Vec<u8> },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRel {
+        pkid: u16,
+    },
+    PubComp {
+        pkid: u16,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    UnsubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
     PingResp,
     /// MQTT 5 only; on 3.1.1 the socket is just closed.
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
 }
 
 /// MQTT 5 reason codes used by the broker (3.1.1 keeps the ones it has).
@@ -194,7 +212,7 @@ pub enum ReadError {
 /// Outcome of parsing the first packet.
 #[derive(Debug)]
 pub enum FirstPacket {
-    Connect(ConnectInfo),
+    Connect(Box<ConnectInfo>),
     /// Protocol name or level we do not speak: answer with a 3.1.1-style CONNACK.
     UnsupportedProtocol(u8),
     NotConnect(String),
@@ -251,9 +269,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
 
     /// Reads the first packet, which must be a CONNECT of 3.1.1 or 5.0.
     pub async fn read_connect(&mut self) -> Result<FirstPacket, ReadError> {
-        while !self.frame_ready()? {
+        while self.rbuf.is_empty() {
             self.fill().await?;
         }
+        // Judged on the first byte: garbage is refused at once, not after a timeout.
         let first = self.rbuf[0];
         if first >> 4 != 1 {
             return Ok(FirstPacket::NotConnect(format!(
@@ -261,12 +280,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
                 first >> 4
             )));
         }
-        if first & 0x0F != 0 {
-            return Err(ReadError::Malformed("CONNECT with reserved flags set".into()));
+        while !self.frame_ready()? {
+            self.fill().await?;
         }
-        let (name, level) = protocol_of(&self.rbuf).ok_or_else(|| {
-            ReadError::Malformed("CONNECT too short for a protocol name".into())
-        })?;
+        if first & 0x0F != 0 {
+            return Err(ReadError::Malformed(
+                "CONNECT with reserved flags set".into(),
+            ));
+        }
+        let (name, level) = protocol_of(&self.rbuf)
+            .ok_or_else(|| ReadError::Malformed("CONNECT too short for a protocol name".into()))?;
         if name != b"MQTT" {
             // MQTT 3.1 ("MQIsdp") and others: refuse with return code 1.
             self.rbuf.clear();
@@ -279,7 +302,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
                     return Err(ReadError::Malformed("not a CONNECT".into()));
                 };
                 self.version = Version::V311;
-                Ok(FirstPacket::Connect(connect_from_v4(c)))
+                Ok(FirstPacket::Connect(Box::new(connect_from_v4(c))))
             }
             5 => {
                 let packet = v5::Packet::read(&mut self.rbuf, Some(self.max_in as u32))
@@ -288,7 +311,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
                     return Err(ReadError::Malformed("not a CONNECT".into()));
                 };
                 self.version = Version::V5;
-                Ok(FirstPacket::Connect(connect_from_v5(c, will)?))
+                Ok(FirstPacket::Connect(Box::new(connect_from_v5(c, will)?)))
             }
             other => {
                 self.rbuf.clear();
@@ -341,7 +364,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
     /// Encodes a packet into the write buffer. A PUBLISH larger than the client's
     /// Maximum Packet Size is not sent, and `false` is returned.
     pub fn queue(&mut self, packet: Outbound) -> bool {
-        let written = match self.version {
+        match self.version {
             Version::V311 => match outbound_to_v4(packet) {
                 Some(p) => p.write(&mut self.wbuf, usize::MAX).is_ok(),
                 None => true,
@@ -349,8 +372,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
             Version::V5 => outbound_to_v5(packet)
                 .write(&mut self.wbuf, self.max_out)
                 .is_ok(),
-        };
-        written
+        }
     }
 
     pub fn has_pending_writes(&self) -> bool {
@@ -588,7 +610,9 @@ fn inbound_from_v5(packet: v5::Packet) -> Inbound {
             session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
         },
         v5::Packet::Connect(..) => Inbound::Unexpected("second CONNECT"),
-        v5::Packet::Auth(_) => Inbound::Unexpected("AUTH (enhanced authentication is not supported)"),
+        v5::Packet::Auth(_) => {
+            Inbound::Unexpected("AUTH (enhanced authentication is not supported)")
+        }
         v5::Packet::ConnAck(_) => Inbound::Unexpected("CONNACK"),
         v5::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
         v5::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
@@ -603,11 +627,7 @@ fn outbound_to_v4(packet: Outbound) -> Option<v4::Packet> {
             code,
             ..
         } => v4::Packet::ConnAck(v4::ConnAck::new(code.v4(), session_present)),
-        Outbound::Publish {
-            message,
-            pkid,
-            dup,
-        } => v4::Packet::Publish(v4::Publish {
+        Outbound::Publish { message, pkid, dup } => v4::Packet::Publish(v4::Publish {
             dup,
             qos: to_qos4(message.qos),
             retain: message.retain,
@@ -646,11 +666,7 @@ fn outbound_to_v5(packet: Outbound) -> v5::Packet {
             code: code.v5(),
             properties,
         }),
-        Outbound::Publish {
-            message,
-            pkid,
-            dup,
-        } => v5::Packet::Publish(v5::Publish {
+        Outbound::Publish { message, pkid, dup } => v5::Packet::Publish(v5::Publish {
             dup,
             qos: to_qos5(message.qos),
             retain: message.retain,

@@ -9,10 +9,10 @@ use std::time::Duration;
 pub enum ConfigError {
     #[error("configuration file {path} not found: pass --config PATH or run from the folder that holds broker.toml")]
     NotFound { path: PathBuf },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Invalid {
         path: PathBuf,
-        source: config::ConfigError,
+        cause: config::ConfigError,
     },
     #[error("{path}: key `{key}`: {problem}")]
     BadValue {
@@ -22,7 +22,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listener: ListenerConfig,
@@ -35,6 +35,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
+    #[serde(deserialize_with = "socket_addr")]
     pub bind: SocketAddr,
     pub handshake_timeout_secs: u64,
     pub connect_timeout_secs: u64,
@@ -126,18 +127,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listener: ListenerConfig::default(),
-            tls: TlsConfig::default(),
-            session: SessionConfig::default(),
-            storage: StorageConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl ListenerConfig {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
@@ -154,9 +143,9 @@ impl Config {
         if !path.is_file() {
             return Err(ConfigError::NotFound { path: path.into() });
         }
-        let invalid = |source| ConfigError::Invalid {
+        let invalid = |cause| ConfigError::Invalid {
             path: path.into(),
-            source,
+            cause,
         };
         let mut config: Config = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -203,7 +192,7 @@ impl Config {
         if self.session.max_inflight == 0 {
             return bad("session.max_inflight", "must be at least 1");
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if !valid_log_level(&self.log.level) {
             return bad(
                 "log.level",
                 "must be a level (error, warn, info, debug, trace) or a tracing filter",
@@ -228,6 +217,27 @@ impl Config {
             self.log.dir = base.join(&self.log.dir);
         }
     }
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "key `listener.bind`: `{text}` is not an address:port such as 0.0.0.0:8883"
+        ))
+    })
+}
+
+/// A level (`info`) or a list of them per target (`info,broker=debug`).
+fn valid_log_level(text: &str) -> bool {
+    use std::str::FromStr;
+    use tracing::level_filters::LevelFilter;
+    !text.is_empty()
+        && text.split(',').all(|directive| {
+            let level = directive.rsplit('=').next().unwrap_or(directive);
+            LevelFilter::from_str(level.trim()).is_ok()
+        })
+        && tracing_subscriber::EnvFilter::try_new(text).is_ok()
 }
 
 #[cfg(test)]

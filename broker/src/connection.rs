@@ -20,18 +20,28 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// First byte of an MQTT CONNECT.
 const MQTT_CONNECT: u8 = 0x10;
 
-pub fn log_refusal(addr: SocketAddr, identity: Option<&str>, client_id: Option<&str>, why: &Refusal) {
+pub fn log_refusal(
+    addr: SocketAddr,
+    identity: Option<&str>,
+    client_id: Option<&str>,
+    why: &Refusal,
+) {
     warn!(
         addr = %addr,
-        identity = identity.unwrap_or("-"),
-        client_id = client_id.unwrap_or("-"),
+        identity = %identity.unwrap_or("-"),
+        client_id = %client_id.unwrap_or("-"),
         reason = %why,
-        "connection refused: {why}"
+        "connection refused"
     );
 }
 
 /// Serves one accepted socket until it is refused or handed to a session.
-pub async fn handle(tcp: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePermit, shared: Arc<Shared>) {
+pub async fn handle(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
     let _ = tcp.set_nodelay(true);
     let listener = &shared.config.listener;
     let tls = match timeout(listener.handshake_timeout(), handshake(tcp, &shared)).await {
@@ -51,7 +61,9 @@ pub async fn handle(tcp: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePerm
             return refuse(Refusal::PacketTooLarge { size, max })
         }
         Ok(Err(ReadError::Closed)) => {
-            return refuse(Refusal::BadConnect("connection closed before CONNECT".into()))
+            return refuse(Refusal::BadConnect(
+                "connection closed before CONNECT".into(),
+            ))
         }
         Ok(Err(e)) => return refuse(Refusal::BadConnect(e.to_string())),
         Ok(Ok(first)) => first,
@@ -107,7 +119,7 @@ pub async fn handle(tcp: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePerm
     };
     let client = Box::new(Client {
         framed,
-        info,
+        info: *info,
         identity,
         addr,
         assigned_id,
@@ -122,7 +134,11 @@ pub async fn handle(tcp: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePerm
 async fn handshake(tcp: TcpStream, shared: &Shared) -> Result<TlsStream, Refusal> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
-        Ok(0) => return Err(Refusal::HandshakeFailed("closed before the handshake".into())),
+        Ok(0) => {
+            return Err(Refusal::HandshakeFailed(
+                "closed before the handshake".into(),
+            ))
+        }
         Ok(_) if first[0] != TLS_HANDSHAKE => {
             return Err(Refusal::NotTls {
                 plain_mqtt: first[0] == MQTT_CONNECT,

@@ -1,6 +1,7 @@
 //! Operator logs: readable lines on stdout and a daily-rotated `broker.log`.
 
 use crate::config::LogConfig;
+use std::io::IsTerminal;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -8,10 +9,10 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("log.dir {dir}: {source}")]
+    #[error("log.dir {dir}: {cause}")]
     Dir {
         dir: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("log.level: {0}")]
     Level(String),
@@ -33,13 +34,14 @@ pub fn init(config: &LogConfig) -> Result<LogGuard, LogError> {
         format!("{},rumqttd=warn", config.level)
     };
     let filter = EnvFilter::try_new(&filter_text).map_err(|e| LogError::Level(e.to_string()))?;
-    let stdout = fmt::layer().with_target(false);
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let stdout = fmt::layer().with_target(false).with_ansi(ansi);
     let (file_layer, guard) = if config.dir.as_os_str().is_empty() {
         (None, None)
     } else {
-        std::fs::create_dir_all(&config.dir).map_err(|source| LogError::Dir {
+        std::fs::create_dir_all(&config.dir).map_err(|cause| LogError::Dir {
             dir: config.dir.clone(),
-            source,
+            cause,
         })?;
         let appender = tracing_appender::rolling::daily(&config.dir, "broker.log");
         let (writer, guard) = tracing_appender::non_blocking(appender);

@@ -2,8 +2,8 @@
 //! certificates whose CN is the client's identity, all generated with rcgen.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use std::fs;
 use std::io::Write;
@@ -18,15 +18,15 @@ const LEAF_DAYS: i64 = 365;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is not a valid PEM certificate or key: {reason}")]
     Parse { path: PathBuf, reason: String },
@@ -242,7 +242,12 @@ pub fn ensure(layout: &Layout, request: &Request) -> Result<Vec<Outcome>, PkiErr
         (Authority::load(&layout.ca_cert, &layout.ca_key)?, false)
     } else {
         let ca = Authority::generate("mqtt-stack development CA")?;
-        write_pair(&layout.ca_cert, &ca.cert_pem(), &layout.ca_key, &ca.key_pem())?;
+        write_pair(
+            &layout.ca_cert,
+            &ca.cert_pem(),
+            &layout.ca_key,
+            &ca.key_pem(),
+        )?;
         (ca, true)
     };
     outcomes.push(Outcome {
@@ -328,9 +333,9 @@ fn cert_usable(path: &Path) -> bool {
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Read {
+    fs::read_to_string(path).map_err(|cause| PkiError::Read {
         path: path.into(),
-        source,
+        cause,
     })
 }
 
@@ -340,9 +345,9 @@ fn write_pair(cert: &Path, cert_pem: &str, key: &Path, key_pem: &str) -> Result<
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write {
+    let err = |cause| PkiError::Write {
         path: path.into(),
-        source,
+        cause,
     };
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
@@ -416,7 +421,9 @@ mod tests {
         let layout = Layout::in_dir(dir.path());
         ensure(&layout, &Request::default()).unwrap();
         fs::remove_file(&layout.ca_key).unwrap();
-        let err = ensure(&layout, &Request::default()).unwrap_err().to_string();
+        let err = ensure(&layout, &Request::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ca.key") && err.contains("--force"), "{err}");
     }
 

@@ -7,7 +7,9 @@ pub enum Refusal {
     TooManyConnections(usize),
     HandshakeTimeout,
     /// The first bytes were not a TLS record; `plain_mqtt` when they were an MQTT CONNECT.
-    NotTls { plain_mqtt: bool },
+    NotTls {
+        plain_mqtt: bool,
+    },
     NoCertificate,
     UnknownCa,
     Expired,
@@ -22,7 +24,10 @@ pub enum Refusal {
     NotMqtt(String),
     BadConnect(String),
     UnsupportedProtocol(u8),
-    PacketTooLarge { size: usize, max: usize },
+    PacketTooLarge {
+        size: usize,
+        max: usize,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -55,7 +60,10 @@ impl fmt::Display for Refusal {
                 write!(f, "unsupported MQTT protocol level {level}")
             }
             Self::PacketTooLarge { size, max } => {
-                write!(f, "packet too large ({size} bytes, max_packet_size = {max})")
+                write!(
+                    f,
+                    "packet too large ({size} bytes, max_packet_size = {max})"
+                )
             }
         }
     }

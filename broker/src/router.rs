@@ -11,7 +11,7 @@ use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::RouterConfig;
 use std::sync::Arc;
 
-type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
 
 /// Creates links to one running router thread.
 #[derive(Clone)]
@@ -40,6 +40,7 @@ impl Router {
                 .clean_session(true)
                 .build()
                 .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(|e: LinkError| e.to_string())
         };
         Self {
             factory: Arc::new(factory),
@@ -47,7 +48,7 @@ impl Router {
     }
 
     /// Registers a link. Blocks until the router answers: call from `spawn_blocking`.
-    pub fn link(&self, link_id: &str) -> Result<(LinkTx, LinkRx), LinkError> {
+    pub fn link(&self, link_id: &str) -> Result<(LinkTx, LinkRx), String> {
         (self.factory)(link_id)
     }
 }

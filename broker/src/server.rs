@@ -24,14 +24,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("TLS: {0}; set [tls] auto_generate = true to create a development PKI, or fix the file")]
+    #[error(
+        "TLS: {0}; set [tls] auto_generate = true to create a development PKI, or fix the file"
+    )]
     Tls(#[from] TlsError),
     #[error("cannot create the development PKI: {0}")]
     Pki(#[from] pki::PkiError),
-    #[error("cannot listen on {addr}: {source}; is another broker running? change [listener] bind")]
+    #[error("cannot listen on {addr}: {cause}; is another broker running? change [listener] bind")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -85,12 +87,15 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     if tls_conf.auto_generate {
         ensure_development_pki(&config)?;
     }
-    let server_config = tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
+    let server_config =
+        tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
         .await
-        .map_err(|source| StartError::Bind { addr: bind, source })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+        .map_err(|cause| StartError::Bind { addr: bind, cause })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|cause| StartError::Bind { addr: bind, cause })?;
     // Persistent sessions keep their link while offline: room for them too.
     let router = Router::spawn(config.listener.max_connections.saturating_mul(2).max(64));
     let shared = Arc::new(Shared {
@@ -130,7 +135,11 @@ fn ensure_development_pki(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let max = shared.config.listener.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     loop {
@@ -158,13 +167,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
         }
     }
     drop(listener);
-    info!(sessions = shared.registry.len(), "shutting down: closing sessions");
+    info!(
+        sessions = shared.registry.len(),
+        "shutting down: closing sessions"
+    );
     shared.registry.shutdown_all();
     if tokio::time::timeout(SHUTDOWN_GRACE, shared.registry.wait_empty())
         .await
         .is_err()
     {
-        warn!(left = shared.registry.len(), "some sessions did not close in time");
+        warn!(
+            left = shared.registry.len(),
+            "some sessions did not close in time"
+        );
     }
     info!("broker stopped");
 }

@@ -25,7 +25,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 pub type Conn = Framed<ReadHalf<TlsStream>, WriteHalf<TlsStream>>;
@@ -145,7 +145,7 @@ pub async fn run(
         Ok(Ok(link)) => link,
         failure => {
             let why = match failure {
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => e,
                 Err(e) => e.to_string(),
                 Ok(Ok(_)) => String::new(),
             };
@@ -266,8 +266,12 @@ impl Session {
     /// resends what is in flight and drains the queue.
     async fn attach(&mut self, client: Box<Client>, is_new: bool) {
         if self.conn.is_some() {
-            self.disconnect(reason::SESSION_TAKEN_OVER, "session taken over by a new connection", false)
-                .await;
+            self.disconnect(
+                reason::SESSION_TAKEN_OVER,
+                "session taken over by a new connection",
+                false,
+            )
+            .await;
         }
         let client = *client;
         let info = client.info;
@@ -477,8 +481,11 @@ impl Session {
             } => {
                 if let Some(expiry) = session_expiry {
                     if self.expiry_secs == 0 && expiry > 0 {
-                        self.violation(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
-                            .await;
+                        self.violation(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set on DISCONNECT after 0 on CONNECT",
+                        )
+                        .await;
                         return false;
                     }
                     self.expiry_secs = expiry;
@@ -631,6 +638,9 @@ impl Session {
                 wanted_retained.push((req.filter, req.qos));
             }
         }
+        if let Some(c) = &self.conn {
+            debug!(identity = %c.identity, client_id = %c.client_id, codes = ?codes, "subscribed");
+        }
         self.send(Outbound::SubAck { pkid, codes });
         // The router learns of the subscription before the retained snapshot is taken,
         // so a message published meanwhile arrives live if it is not in the snapshot.
@@ -775,7 +785,7 @@ impl Session {
             self.queue.push_back(message);
         } else {
             self.dropped += 1;
-            if self.dropped == 1 || self.dropped % 1000 == 0 {
+            if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
                 warn!(identity = %self.key.identity, client_id = %self.key.client_id,
                     topic = %message.topic, dropped = self.dropped,
                     max_queued = self.shared.config.session.max_queued,
@@ -853,7 +863,7 @@ impl Session {
     async fn violation(&mut self, code: u8, why: &str) {
         if let Some(c) = &self.conn {
             warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
-                reason = %why, "connection closed: {why}");
+                reason = %why, "connection closed for a protocol violation");
         }
         self.close(Some(code), why, true).await;
     }

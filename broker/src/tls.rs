@@ -27,7 +27,11 @@ fn file_error(path: &Path, reason: impl ToString) -> TlsError {
 
 /// A server configuration that requires a client certificate signed by any CA in
 /// `ca_file`, and speaks TLS 1.2 and 1.3 only.
-pub fn server_config(ca_file: &Path, cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    ca_file: &Path,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca_file)? {
         roots
@@ -75,16 +79,17 @@ pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
 
 /// Classifies the error of a failed TLS accept.
 pub fn classify(err: &io::Error) -> Refusal {
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return Refusal::HandshakeFailed(err.to_string());
     };
     match tls {
         rustls::Error::NoCertificatesPresented => Refusal::NoCertificate,
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::UnknownIssuer => Refusal::UnknownCa,
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                Refusal::Expired
-            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Refusal::Expired,
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 Refusal::NotYetValid
             }

@@ -8,9 +8,7 @@ const MAX_LEN: usize = 65_535;
 
 /// A topic name a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_name(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= MAX_LEN
-        && !topic.contains(['+', '#', '\0'])
+    !topic.is_empty() && topic.len() <= MAX_LEN && !topic.contains(['+', '#', '\0'])
 }
 
 /// A topic filter a client may subscribe with, including `$share/<group>/<filter>`.
@@ -101,10 +99,28 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in ["#", "+", "a/+/b", "a/#", "+/+", "$SYS/#", "$share/g/a/+", "/"] {
+        for ok in [
+            "#",
+            "+",
+            "a/+/b",
+            "a/#",
+            "+/+",
+            "$SYS/#",
+            "$share/g/a/+",
+            "/",
+        ] {
             assert!(valid_filter(ok), "{ok} should be valid");
         }
-        for bad in ["", "a/#/b", "a+/b", "a/b#", "$share/g", "$share//a", "$share/g+/a", "#/"] {
+        for bad in [
+            "",
+            "a/#/b",
+            "a+/b",
+            "a/b#",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "#/",
+        ] {
             assert!(!valid_filter(bad), "{bad} should be invalid");
         }
     }
@@ -112,7 +128,10 @@ mod tests {
     #[test]
     fn matching() {
         assert!(matches("articulos/+/futbol", "articulos/eldiario/futbol"));
-        assert!(!matches("articulos/+/futbol", "articulos/eldiario/politica"));
+        assert!(!matches(
+            "articulos/+/futbol",
+            "articulos/eldiario/politica"
+        ));
         assert!(matches("articulos/#", "articulos"));
         assert!(matches("articulos/#", "articulos/a/b/c"));
         assert!(matches("#", "a/b"));
@@ -127,7 +146,10 @@ mod tests {
     #[test]
     fn covering() {
         assert!(filter_covers("articulos/#", "articulos/+/futbol"));
-        assert!(filter_covers("articulos/+/futbol", "articulos/eldiario/futbol"));
+        assert!(filter_covers(
+            "articulos/+/futbol",
+            "articulos/eldiario/futbol"
+        ));
         assert!(!filter_covers("articulos/#", "#"));
         assert!(!filter_covers("articulos/+/futbol", "articulos/#"));
         assert!(!filter_covers("articulos/eldiario/#", "articulos/+/futbol"));

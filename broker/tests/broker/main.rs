@@ -1,0 +1,7 @@
+//! The broker tested through its network edge: real TLS, real sockets, 127.0.0.1:0.
+
+mod common;
+mod interop;
+mod messaging;
+mod process;
+mod refusals;

@@ -1,0 +1,369 @@
+//! What a client with a valid certificate can do.
+
+use crate::common::*;
+use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+
+#[tokio::test]
+async fn subscribe_publish_qos0_qos1_qos2_and_receive() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "sub-1").await;
+    let codes = sub.subscribe("articulos/+/futbol", QoS::ExactlyOnce).await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
+
+    let mut publ = broker.client("publisher", "pub-1").await;
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let payload = format!("articulo {i}");
+        publ.publish("articulos/eldiario/futbol", payload.as_bytes(), qos, false)
+            .await;
+        let got = sub.next_publish().await;
+        assert_eq!(got.topic, "articulos/eldiario/futbol");
+        assert_eq!(&got.payload[..], payload.as_bytes());
+        assert_eq!(got.qos, qos, "delivered at the publish QoS");
+        assert!(!got.retain, "live messages carry no retain flag");
+    }
+    publ.publish(
+        "articulos/eldiario/politica",
+        b"no",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn delivery_qos_is_the_minimum_of_publish_and_subscription() {
+    let broker = TestBroker::start().await;
+    let mut low = broker.client("subscriber", "low").await;
+    low.subscribe("t/qos", QoS::AtMostOnce).await;
+    let mut high = broker.client("subscriber", "high").await;
+    high.subscribe("t/qos", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "p").await;
+
+    publ.publish("t/qos", b"q1", QoS::AtLeastOnce, false).await;
+    assert_eq!(low.next_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(high.next_publish().await.qos, QoS::AtLeastOnce);
+    publ.publish("t/qos", b"q0", QoS::AtMostOnce, false).await;
+    assert_eq!(high.next_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(low.next_publish().await.qos, QoS::AtMostOnce);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "overlap").await;
+    sub.subscribe("articulos/#", QoS::AtMostOnce).await;
+    sub.subscribe("articulos/+/futbol", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("articulos/marca/futbol", b"uno", QoS::AtLeastOnce, false)
+        .await;
+    let got = sub.next_publish().await;
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn retained_message_reaches_a_later_subscriber_with_retain_set() {
+    let broker = TestBroker::start().await;
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish(
+        "articulos/elpais/futbol",
+        b"retenido",
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await;
+    // An empty payload without retain is an ordinary message: it deletes nothing.
+    publ.publish("articulos/elpais/futbol", b"", QoS::AtLeastOnce, false)
+        .await;
+
+    let mut sub = broker.client("subscriber", "late").await;
+    sub.subscribe("articulos/+/futbol", QoS::AtLeastOnce).await;
+    let got = sub.next_publish().await;
+    assert!(got.retain);
+    assert_eq!(&got.payload[..], b"retenido");
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    // Re-subscribing sends it again.
+    sub.subscribe("articulos/+/futbol", QoS::AtLeastOnce).await;
+    assert!(sub.next_publish().await.retain);
+
+    // An empty retained payload deletes it.
+    publ.publish("articulos/elpais/futbol", b"", QoS::AtLeastOnce, true)
+        .await;
+    let mut later = broker.client("subscriber", "later").await;
+    later
+        .subscribe("articulos/+/futbol", QoS::AtLeastOnce)
+        .await;
+    later.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_retained_topics_all_reach_a_new_subscriber() {
+    const N: usize = 10_000;
+    let broker = TestBroker::start().await;
+    let mut publ = broker.client("publisher", "bulk").await;
+    for i in 0..N {
+        let mut p = v4::Publish::new(
+            format!("articulos/p{i}/futbol"),
+            QoS::AtMostOnce,
+            format!("{i}"),
+        );
+        p.retain = true;
+        publ.send(Packet::Publish(p)).await;
+    }
+    // A QoS 1 publish after them is acknowledged only after they were all handled.
+    publ.publish("articulos/last/futbol", b"last", QoS::AtLeastOnce, true)
+        .await;
+
+    let mut sub = broker.client("subscriber", "all").await;
+    sub.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N + 1 {
+        let p = sub.next_publish().await;
+        assert!(p.retain, "{} without retain flag", p.topic);
+        seen.insert(p.topic);
+    }
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsubscribe_is_always_acknowledged_and_stops_delivery() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "unsub").await;
+    sub.send(Packet::Unsubscribe(v4::Unsubscribe {
+        pkid: 7,
+        topics: vec!["never/subscribed".into()],
+    }))
+    .await;
+    assert!(matches!(sub.recv().await, Packet::UnsubAck(a) if a.pkid == 7));
+
+    sub.subscribe("a/b", QoS::AtLeastOnce).await;
+    sub.send(Packet::Unsubscribe(v4::Unsubscribe {
+        pkid: 8,
+        topics: vec!["a/b".into()],
+    }))
+    .await;
+    assert!(matches!(sub.recv().await, Packet::UnsubAck(a) if a.pkid == 8));
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("a/b", b"x", QoS::AtLeastOnce, false).await;
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_filters_are_refused_in_suback_and_others_proceed() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "filters").await;
+    let mut s = v4::Subscribe::new("a/#/b", QoS::AtLeastOnce);
+    s.pkid = 3;
+    s.add("ok/+".into(), QoS::AtLeastOnce);
+    s.add("bad+/x".into(), QoS::AtMostOnce);
+    sub.send(Packet::Subscribe(s)).await;
+    match sub.recv().await {
+        Packet::SubAck(ack) => assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    wait_for_log(&[
+        "subscribe refused: invalid topic filter",
+        "a/#/b",
+        &sub.local.to_string(),
+    ])
+    .await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_to_an_invalid_topic_closes_only_that_connection() {
+    let broker = TestBroker::start().await;
+    let mut bad = broker.client("publisher", "bad").await;
+    let mut good = broker.client("subscriber", "good").await;
+    good.subscribe("x/#", QoS::AtMostOnce).await;
+    bad.send(Packet::Publish(v4::Publish::new(
+        "x/+/y",
+        QoS::AtMostOnce,
+        "w",
+    )))
+    .await;
+    bad.expect_closed().await;
+    wait_for_log(&["invalid topic name", &bad.local.to_string()]).await;
+    good.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted() {
+    let broker = TestBroker::start().await;
+    let mut c = broker
+        .tls(Some(&broker.pki.client("publisher")))
+        .await
+        .unwrap();
+    let ack = c.connect("ka0", true, 0).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+    c.publish("t", b"x", QoS::AtLeastOnce, false).await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn empty_client_id_gets_one_assigned_or_is_refused_without_clean_session() {
+    let broker = TestBroker::start().await;
+    let mut c = broker
+        .tls(Some(&broker.pki.client("publisher")))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.connect("", true, 30).await.code,
+        v4::ConnectReturnCode::Success
+    );
+
+    let mut c = broker
+        .tls(Some(&broker.pki.client("publisher")))
+        .await
+        .unwrap();
+    let ack = c.connect("", false, 30).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+    c.expect_closed().await;
+    wait_for_log(&["connection refused", "bad CONNECT", &c.local.to_string()]).await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn persistent_session_keeps_qos1_messages_while_offline_and_redelivers() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    assert!(!sub.connect("keeper", false, 30).await.session_present);
+    sub.subscribe("news/#", QoS::AtLeastOnce).await;
+    drop(sub);
+
+    let mut publ = broker.client("publisher", "p").await;
+    for i in 0..5 {
+        publ.publish(
+            "news/x",
+            format!("m{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await;
+    }
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    assert!(sub.connect("keeper", false, 30).await.session_present);
+    for i in 0..5 {
+        assert_eq!(sub.next_publish().await.payload, format!("m{i}").as_bytes());
+    }
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_message_is_resent_with_dup_on_reconnect() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    sub.connect("dup", false, 30).await;
+    sub.subscribe("d", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("d", b"once", QoS::AtLeastOnce, false).await;
+    match sub.recv().await {
+        Packet::Publish(p) => assert!(!p.dup),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    drop(sub); // no PUBACK
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    assert!(sub.connect("dup", false, 30).await.session_present);
+    let again = sub.next_publish().await;
+    assert!(again.dup);
+    assert_eq!(&again.payload[..], b"once");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn same_client_id_under_another_certificate_is_a_separate_session() {
+    let broker = TestBroker::start().await;
+    let mut a = broker.client("subscriber", "shared-id").await;
+    a.subscribe("s", QoS::AtLeastOnce).await;
+    let _b = broker.client("observer", "shared-id").await;
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("s", b"still here", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&a.next_publish().await.payload[..], b"still here");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn will_is_published_on_abnormal_close_not_on_disconnect() {
+    let broker = TestBroker::start().await;
+    let mut watcher = broker.client("subscriber", "watcher").await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+
+    for (id, graceful) in [("clean", true), ("crash", false)] {
+        let mut c = broker
+            .tls(Some(&broker.pki.client("publisher")))
+            .await
+            .unwrap();
+        let mut connect = v4::Connect::new(id);
+        connect.last_will = Some(v4::LastWill::new(
+            format!("wills/{id}"),
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        c.send(Packet::Connect(connect)).await;
+        assert!(matches!(c.recv().await, Packet::ConnAck(_)));
+        if graceful {
+            c.send(Packet::Disconnect).await;
+            c.expect_closed().await;
+        } else {
+            drop(c);
+        }
+    }
+    let will = watcher.next_publish().await;
+    assert_eq!(will.topic, "wills/crash");
+    watcher.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn takeover_closes_the_old_connection() {
+    let broker = TestBroker::start().await;
+    let mut first = broker.client("subscriber", "twice").await;
+    let mut second = broker.client("subscriber", "twice").await;
+    first.expect_closed().await;
+    second.publish("t", b"x", QoS::AtLeastOnce, false).await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_promptly() {
+    let broker = TestBroker::start().await;
+    let mut c = broker.client("subscriber", "bye").await;
+    let started = std::time::Instant::now();
+    broker.shutdown().await;
+    c.expect_closed().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

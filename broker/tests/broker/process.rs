@@ -1,0 +1,209 @@
+//! The `broker` binary as an operator runs it.
+
+use crate::common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_broker");
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nauto_generate = true\n[log]\ndir = \"logs\"\n",
+    )
+    .unwrap();
+    path
+}
+
+/// A broker process, killed if a test fails before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary; returns it, the port it listens on (read from its log), the
+/// lines logged until then and the channel of the next ones.
+fn spawn_broker(config: &Path) -> (Running, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
+    let mut child = Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("broker did not report its listening address");
+        if line.contains("listening") {
+            let port = line
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.trim().parse().ok())
+                .expect("port in the listening line");
+            return (child, port, seen, rx);
+        }
+        seen.push(line);
+    }
+}
+
+#[tokio::test]
+async fn binary_creates_pki_logs_to_file_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let (mut child, port, before, lines) = spawn_broker(&config);
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "broker.crt",
+        "publisher.key",
+        "subscriber.crt",
+    ] {
+        assert!(
+            dir.path().join("certs").join(f).is_file(),
+            "{f} not created"
+        );
+    }
+    // A real client connects with the generated certificates.
+    let pki = broker::pki::Layout::in_dir(&dir.path().join("certs"));
+    let ca = std::fs::read_to_string(&pki.ca_cert).unwrap();
+    let cert = broker::pki::Issued {
+        cert_pem: std::fs::read_to_string(pki.client_cert("publisher")).unwrap(),
+        key_pem: std::fs::read_to_string(pki.client_key("publisher")).unwrap(),
+    };
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = TestClient::tls(addr, &ca, Some(&cert)).await.unwrap();
+    c.connect("proc", true, 30).await;
+
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "broker still running 5 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    c.expect_closed().await;
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("DEVELOPMENT PKI")),
+        "{before:?}"
+    );
+    let after: Vec<String> = lines.try_iter().collect();
+    assert!(
+        after.iter().any(|l| l.contains("broker stopped")),
+        "{after:?}"
+    );
+    let log_dir = dir.path().join("logs");
+    let logged: String = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        logged.contains("client connected") && logged.contains("identity=publisher"),
+        "{logged}"
+    );
+}
+
+#[test]
+fn bad_environment_override_is_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("BROKER__LISTENER__MAX_CONNECTIONS", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("max_connections"), "{stderr}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("BROKER__LISTENER__BIND", "not-an-address")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bind"));
+}
+
+#[test]
+fn missing_config_file_says_what_to_do() {
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/broker.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/broker.toml") && stderr.contains("--config"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn certs_subcommand_writes_and_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("pki");
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["certs", "--dir"])
+            .arg(&certs)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = run(&["--san", "mqtt.example.org"]);
+    assert!(
+        first.contains("wrote") && first.contains("mqtt.example.org"),
+        "{first}"
+    );
+    let second = run(&["--client", "sensor-1"]);
+    assert_eq!(second.matches("wrote").count(), 1, "{second}");
+    assert!(certs.join("sensor-1.crt").is_file());
+}
