@@ -375,6 +375,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
         }
     }
 
+    /// Drops what is queued and not written (acknowledgements that must not go out).
+    pub fn discard_pending(&mut self) {
+        self.wbuf.clear();
+    }
+
     pub fn has_pending_writes(&self) -> bool {
         !self.wbuf.is_empty()
     }
@@ -391,6 +396,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
+    }
+}
+
+// Properties are carried as an encoded, empty MQTT 5 PUBLISH: the codec we already
+// trust, rather than a second serialisation of the same fields.
+pub fn encode_properties(props: &PublishProperties) -> Bytes {
+    let publish = v5::Publish {
+        dup: false,
+        qos: v5b::QoS::AtMostOnce,
+        retain: false,
+        topic: Bytes::from_static(b"-"),
+        pkid: 0,
+        payload: Bytes::new(),
+        properties: Some(props.clone()),
+    };
+    let mut buf = BytesMut::new();
+    match publish.write(&mut buf) {
+        Ok(_) => buf.freeze(),
+        Err(_) => Bytes::new(),
+    }
+}
+
+pub fn decode_properties(data: Bytes) -> Option<PublishProperties> {
+    let mut buf = BytesMut::from(&data[..]);
+    match v5::Packet::read(&mut buf, None) {
+        Ok(v5::Packet::Publish(p)) => p.properties,
+        _ => None,
     }
 }
 

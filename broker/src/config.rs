@@ -67,6 +67,8 @@ pub struct SessionConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+    /// A damaged store: `quarantine` (move it aside, start empty) or `fail`.
+    pub on_corruption: crate::store::OnCorruption,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +116,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: "data".into(),
+            on_corruption: crate::store::OnCorruption::Quarantine,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod tls;
 pub mod topic;
 

@@ -4,9 +4,8 @@
 //! The router only routes: every subscription it holds is QoS 0 and it never sees a
 //! retained message, so its retained, QoS and will quirks never reach a client.
 
-use crate::codec::PublishProperties;
+use crate::codec::{decode_properties, encode_properties, PublishProperties};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rumqttc::v5::mqttbytes::v5;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::RouterConfig;
 use std::sync::Arc;
@@ -124,33 +123,6 @@ impl Envelope {
             properties,
         };
         Some((envelope, data))
-    }
-}
-
-// Properties are carried as an encoded, empty MQTT 5 PUBLISH: the codec we already
-// trust, rather than a second serialisation of the same fields.
-fn encode_properties(props: &PublishProperties) -> Bytes {
-    let publish = v5::Publish {
-        dup: false,
-        qos: rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        retain: false,
-        topic: Bytes::from_static(b"-"),
-        pkid: 0,
-        payload: Bytes::new(),
-        properties: Some(props.clone()),
-    };
-    let mut buf = BytesMut::new();
-    match publish.write(&mut buf) {
-        Ok(_) => buf.freeze(),
-        Err(_) => Bytes::new(),
-    }
-}
-
-fn decode_properties(data: Bytes) -> Option<PublishProperties> {
-    let mut buf = BytesMut::from(&data[..]);
-    match v5::Packet::read(&mut buf, None) {
-        Ok(v5::Packet::Publish(p)) => p.properties,
-        _ => None,
     }
 }
 

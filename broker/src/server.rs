@@ -8,6 +8,7 @@ use crate::refusal::Refusal;
 use crate::registry::Registry;
 use crate::retained::Retained;
 use crate::router::Router;
+use crate::store::Store;
 use crate::tls::{self, TlsError};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot create the development PKI: {0}")]
     Pki(#[from] pki::PkiError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {cause}; is another broker running? change [listener] bind")]
     Bind {
         addr: SocketAddr,
@@ -89,6 +92,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let server_config =
         tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
+    let retained = restore_retained(&config).await?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
         .await
@@ -101,7 +105,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(server_config),
         router,
-        retained: Retained::default(),
+        retained,
         registry: Registry::default(),
         ids: AtomicU64::new(1),
         config,
@@ -114,6 +118,24 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         stop,
         task,
     })
+}
+
+/// Opens the store and loads what it holds, before the listener opens.
+async fn restore_retained(config: &Config) -> Result<Retained, StartError> {
+    let started = std::time::Instant::now();
+    let storage = &config.storage;
+    let opened = Store::open(&storage.data_dir, storage.on_corruption).await?;
+    if opened.unreadable_records > 0 {
+        warn!(store = %opened.store.path().display(), skipped = opened.unreadable_records,
+            "unreadable retained records skipped");
+    }
+    let retained = Retained::with_store(opened.store, opened.messages);
+    info!(
+        messages = retained.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "retained messages restored"
+    );
+    Ok(retained)
 }
 
 fn ensure_development_pki(config: &Config) -> Result<(), StartError> {
@@ -180,6 +202,9 @@ async fn accept_loop(
             left = shared.registry.len(),
             "some sessions did not close in time"
         );
+    }
+    if let Err(e) = shared.retained.close() {
+        error!(error = %e, "final flush of the retained store failed");
     }
     info!("broker stopped");
 }

@@ -126,6 +126,8 @@ pub struct Session {
     expires_at: Option<Instant>,
     recent: RecentIds,
     to_router: Vec<RouterPacket>,
+    /// A retained QoS 1/2 message was stored: flush the store before acknowledging.
+    needs_sync: bool,
     dropped: u64,
     conn: Option<Attachment>,
 }
@@ -177,6 +179,7 @@ pub async fn run(
         expires_at: None,
         recent: RecentIds::default(),
         to_router: Vec::new(),
+        needs_sync: false,
         dropped: 0,
         conn: None,
     };
@@ -540,7 +543,10 @@ impl Session {
             return true;
         }
         let qos = message.qos;
-        self.route(message);
+        if !self.route(message) {
+            self.storage_failure().await;
+            return false;
+        }
         match qos {
             1 => {
                 self.send(Outbound::PubAck {
@@ -560,10 +566,16 @@ impl Session {
         true
     }
 
-    /// Stores a retained message and hands the message to the router.
-    fn route(&mut self, mut message: Message) {
+    /// Stores a retained message and hands the message to the router; false when the
+    /// retained message could not be stored (it is then not routed either).
+    fn route(&mut self, mut message: Message) -> bool {
         if message.retain {
-            self.shared.retained.set(&message);
+            if let Err(e) = self.shared.retained.set(&message) {
+                error!(client_id = %self.key.client_id, topic = %message.topic, error = %e,
+                    "retained message not stored");
+                return false;
+            }
+            self.needs_sync |= message.qos > 0;
         }
         let envelope = Envelope {
             qos: message.qos,
@@ -578,6 +590,21 @@ impl Session {
             false,
         );
         self.to_router.push(RouterPacket::Publish(publish, None));
+        true
+    }
+
+    /// The store failed: nothing in this batch is acknowledged, the client will resend.
+    async fn storage_failure(&mut self) {
+        self.needs_sync = false;
+        if let Some(c) = &mut self.conn {
+            c.framed.discard_pending();
+        }
+        self.close(
+            Some(reason::UNSPECIFIED),
+            "storage failure: publish not acknowledged",
+            true,
+        )
+        .await;
     }
 
     async fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubRequest>, id: Option<usize>) {
@@ -849,6 +876,14 @@ impl Session {
 
     async fn flush(&mut self) {
         self.flush_router().await;
+        if std::mem::take(&mut self.needs_sync) {
+            // Durable before acknowledged: the acks wait in the buffer for the flush.
+            if let Err(e) = self.shared.retained.sync().await {
+                error!(client_id = %self.key.client_id, error = %e, "retained store flush failed");
+                self.storage_failure().await;
+                return;
+            }
+        }
         let Some(conn) = &mut self.conn else {
             return;
         };
@@ -892,6 +927,7 @@ impl Session {
         if with_will {
             if let Some(will) = conn.will.take() {
                 self.route(will.message);
+                self.needs_sync = false;
                 self.flush_router().await;
             }
         }

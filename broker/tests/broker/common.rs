@@ -202,6 +202,53 @@ impl TestClient {
         while self.try_recv().await.is_some() {}
     }
 
+    /// An MQTT 5 CONNECT; the CONNACK's first two bytes read the same as 3.1.1's.
+    pub async fn connect_v5(&mut self, client_id: &str) -> v4::ConnAck {
+        use rumqttc::v5::mqttbytes::v5 as m5;
+        let connect = m5::Connect {
+            keep_alive: 30,
+            client_id: client_id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        let mut out = BytesMut::new();
+        m5::Packet::Connect(connect, None, None)
+            .write(&mut out, None)
+            .unwrap();
+        self.send_raw(&out).await;
+        match self.recv().await {
+            Packet::ConnAck(ack) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// An MQTT 5 PUBLISH at QoS 1 with `properties`, waiting for its PUBACK.
+    pub async fn publish_v5(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+    ) {
+        use rumqttc::v5::mqttbytes::v5 as m5;
+        let pkid = self.pkid();
+        let mut publish = m5::Publish::new(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            payload.to_vec(),
+            Some(properties),
+        );
+        publish.retain = retain;
+        publish.pkid = pkid;
+        let mut out = BytesMut::new();
+        m5::Packet::Publish(publish).write(&mut out, None).unwrap();
+        self.send_raw(&out).await;
+        match self.recv().await {
+            Packet::PubAck(a) if a.pkid == pkid => {}
+            other => panic!("expected PUBACK {pkid}, got {other:?}"),
+        }
+    }
+
     pub async fn connect(&mut self, client_id: &str, clean: bool, keep_alive: u16) -> v4::ConnAck {
         let mut connect = v4::Connect::new(client_id);
         connect.clean_session = clean;

@@ -3,5 +3,6 @@
 mod common;
 mod interop;
 mod messaging;
+mod persistence;
 mod process;
 mod refusals;

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_broker");
+pub const BIN: &str = env!("CARGO_BIN_EXE_broker");
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
+pub fn write_config(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("broker.toml");
     std::fs::write(
         &path,
@@ -19,7 +19,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
 }
 
 /// A broker process, killed if a test fails before it exits.
-struct Running(Child);
+pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -30,7 +30,9 @@ impl Drop for Running {
 
 /// Starts the binary; returns it, the port it listens on (read from its log), the
 /// lines logged until then and the channel of the next ones.
-fn spawn_broker(config: &Path) -> (Running, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
+pub fn spawn_broker(
+    config: &Path,
+) -> (Running, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
     let mut child = Running(
         Command::new(BIN)
             .arg("--config")
