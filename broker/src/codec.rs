@@ -25,7 +25,7 @@ impl Version {
 }
 
 /// An application message as published.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,

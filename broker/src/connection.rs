@@ -127,7 +127,7 @@ pub async fn handle(
     });
     let new_id = shared.next_id();
     if let Attached::New { client, id, rx } = shared.registry.attach(key.clone(), client, new_id) {
-        session::run(shared.clone(), key, id, client, rx).await;
+        session::run(shared.clone(), key, id, session::Start::Client(client), rx).await;
     }
 }
 

@@ -68,6 +68,13 @@ impl Registry {
         }
     }
 
+    /// Registers a session started without a client (restored from the store).
+    pub fn register(&self, key: SessionKey, id: u64) -> mpsc::UnboundedReceiver<Control> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().insert(key, Entry { id, tx });
+        rx
+    }
+
     /// Removes session `id` unless a message reached it meanwhile, which is returned
     /// for the session to handle. Checked under the lock `attach` takes, so no
     /// connection is ever handed to a session that has gone.

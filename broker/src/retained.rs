@@ -8,7 +8,7 @@ use crate::store::{Store, StoreError, Stored};
 use crate::topic;
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 struct Entry {
@@ -37,13 +37,13 @@ impl Entry {
 #[derive(Default)]
 pub struct Retained {
     messages: RwLock<BTreeMap<String, Entry>>,
-    store: Option<Store>,
+    store: Option<Arc<Store>>,
 }
 
 impl Retained {
     /// Retained messages backed by `store`, starting with what it held (expired ones
     /// are dropped, from the store too).
-    pub fn with_store(store: Store, stored: Vec<Stored>) -> Self {
+    pub fn with_store(store: Arc<Store>, stored: Vec<Stored>) -> Self {
         let now = SystemTime::now();
         let mut map = BTreeMap::new();
         for s in stored {

@@ -6,9 +6,11 @@ use crate::connection::{self, log_refusal};
 use crate::pki;
 use crate::refusal::Refusal;
 use crate::registry::Registry;
+use crate::registry::SessionKey;
 use crate::retained::Retained;
 use crate::router::Router;
-use crate::store::Store;
+use crate::session::{self, Start};
+use crate::store::{SessionId, SessionRecord, Store};
 use crate::tls::{self, TlsError};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +48,7 @@ pub struct Shared {
     pub acceptor: TlsAcceptor,
     pub router: Router,
     pub retained: Retained,
+    pub store: Arc<Store>,
     pub registry: Registry,
     ids: AtomicU64,
 }
@@ -92,7 +95,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let server_config =
         tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
-    let retained = restore_retained(&config).await?;
+    let (store, retained, sessions) = open_store(&config).await?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
         .await
@@ -106,10 +109,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         acceptor: TlsAcceptor::from(server_config),
         router,
         retained,
+        store,
         registry: Registry::default(),
         ids: AtomicU64::new(1),
         config,
     });
+    restore_sessions(&shared, sessions);
     let (stop, stopped) = watch::channel(false);
     info!(addr = %local_addr, "listening for MQTT over mutual TLS");
     let task = tokio::spawn(accept_loop(listener, shared, stopped));
@@ -120,22 +125,46 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
+type Restored = (Arc<Store>, Retained, Vec<(SessionId, SessionRecord)>);
+
 /// Opens the store and loads what it holds, before the listener opens.
-async fn restore_retained(config: &Config) -> Result<Retained, StartError> {
+async fn open_store(config: &Config) -> Result<Restored, StartError> {
     let started = std::time::Instant::now();
     let storage = &config.storage;
     let opened = Store::open(&storage.data_dir, storage.on_corruption).await?;
     if opened.unreadable_records > 0 {
         warn!(store = %opened.store.path().display(), skipped = opened.unreadable_records,
-            "unreadable retained records skipped");
+            "unreadable records skipped");
     }
-    let retained = Retained::with_store(opened.store, opened.messages);
+    let store = Arc::new(opened.store);
+    let retained = Retained::with_store(store.clone(), opened.messages);
     info!(
         messages = retained.len(),
+        sessions = opened.sessions.len(),
         took_ms = started.elapsed().as_millis() as u64,
         "retained messages restored"
     );
-    Ok(retained)
+    Ok((store, retained, opened.sessions))
+}
+
+/// Starts the persistent sessions saved before the last stop, offline, so messages
+/// published before their clients return are queued for them.
+fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionId, SessionRecord)>) {
+    for (saved, record) in sessions {
+        let key = SessionKey {
+            identity: saved.identity,
+            client_id: saved.client_id,
+        };
+        let id = shared.next_id();
+        let rx = shared.registry.register(key.clone(), id);
+        tokio::spawn(session::run(
+            shared.clone(),
+            key,
+            id,
+            Start::Restored(record),
+            rx,
+        ));
+    }
 }
 
 fn ensure_development_pki(config: &Config) -> Result<(), StartError> {

@@ -10,6 +10,7 @@ use crate::codec::{
 use crate::registry::{Control, SessionKey};
 use crate::router::Envelope;
 use crate::server::Shared;
+use crate::store::{SavedSubscription, SessionId, SessionRecord};
 use crate::topic;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -132,12 +133,26 @@ pub struct Session {
     conn: Option<Attachment>,
 }
 
-/// Runs a new session for `client` until it ends, then unregisters it.
+/// How a session begins.
+pub enum Start {
+    Client(Box<Client>),
+    /// Saved before the last stop; starts offline.
+    Restored(SessionRecord),
+}
+
+/// Why `serve` returned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Ended,
+    Shutdown,
+}
+
+/// Runs a session until it ends, then unregisters it.
 pub async fn run(
     shared: Arc<Shared>,
     key: SessionKey,
     id: u64,
-    client: Box<Client>,
+    start: Start,
     mut ctrl: mpsc::UnboundedReceiver<Control>,
 ) {
     let router = shared.router.clone();
@@ -151,9 +166,11 @@ pub async fn run(
                 Err(e) => e.to_string(),
                 Ok(Ok(_)) => String::new(),
             };
-            error!(identity = %key.identity, client_id = %key.client_id, addr = %client.addr,
+            error!(identity = %key.identity, client_id = %key.client_id,
                 error = %why, "router refused a new session link; answering server unavailable");
-            refuse_unavailable(client).await;
+            if let Start::Client(client) = start {
+                refuse_unavailable(client).await;
+            }
             while let Some(control) = shared.registry.finish(&key, id, &mut ctrl) {
                 if let Control::Attach(client) = control {
                     refuse_unavailable(client).await;
@@ -183,9 +200,14 @@ pub async fn run(
         dropped: 0,
         conn: None,
     };
-    session.attach(client, true).await;
-    loop {
-        session.serve().await;
+    match start {
+        Start::Client(client) => session.attach(client, true).await,
+        Start::Restored(record) => session.restore(record).await,
+    }
+    let exit = loop {
+        if session.serve().await == Exit::Shutdown {
+            break Exit::Shutdown;
+        }
         let next = session
             .shared
             .registry
@@ -196,10 +218,41 @@ pub async fn run(
                 session.reset();
                 session.attach(client, true).await;
             }
-            Some(Control::Shutdown) | None => break,
+            Some(Control::Shutdown) => break Exit::Shutdown,
+            None => break Exit::Ended,
+        }
+    };
+    session.teardown(exit).await;
+    if exit == Exit::Shutdown {
+        // Saved before unregistering: shutdown flushes the store once all are gone.
+        while let Some(control) =
+            session
+                .shared
+                .registry
+                .finish(&session.key, session.id, &mut session.ctrl)
+        {
+            if let Control::Attach(client) = control {
+                refuse_unavailable(client).await;
+            }
         }
     }
-    session.teardown().await;
+}
+
+/// A QoS 0 subscription in the router: QoS and retained messages are the edge's.
+fn router_subscribe(filter: &str) -> RouterPacket {
+    RouterPacket::Subscribe(
+        rp::Subscribe {
+            pkid: 0,
+            filters: vec![rp::Filter {
+                path: filter.into(),
+                qos: rp::QoS::AtMostOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rp::RetainForwardRule::Never,
+            }],
+        },
+        None,
+    )
 }
 
 async fn refuse_unavailable(client: Box<Client>) {
@@ -228,7 +281,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 impl Session {
     /// Serves until the session should end: clean session closed, expired, or shutdown.
-    async fn serve(&mut self) {
+    async fn serve(&mut self) -> Exit {
         loop {
             let keep_alive = self.conn.as_ref().and_then(Attachment::deadline);
             let expiry = if self.conn.is_none() {
@@ -241,14 +294,14 @@ impl Session {
                     Some(Control::Attach(client)) => self.attach(client, false).await,
                     Some(Control::Shutdown) | None => {
                         self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
-                        return;
+                        return Exit::Shutdown;
                     }
                 },
                 read = read_attached(&mut self.conn) => self.on_read(read).await,
                 note = self.link_rx.next() => {
                     if !self.on_link(note).await {
                         self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
-                        return;
+                        return Exit::Ended;
                     }
                 }
                 _ = sleep_until(keep_alive) => {
@@ -256,11 +309,11 @@ impl Session {
                 }
                 _ = sleep_until(expiry) => {
                     info!(identity = %self.key.identity, client_id = %self.key.client_id, "session expired");
-                    return;
+                    return Exit::Ended;
                 }
             }
             if self.conn.is_none() && self.expiry_secs == 0 {
-                return;
+                return Exit::Ended;
             }
         }
     }
@@ -282,8 +335,12 @@ impl Session {
             self.reset();
         }
         let session_present = !is_new && !info.clean_start;
+        let was_saved = self.expiry_secs > 0;
         self.expiry_secs = info.session_expiry;
         self.expires_at = None;
+        if was_saved || self.expiry_secs > 0 {
+            self.save(false);
+        }
 
         let max_keepalive = self.shared.config.session.max_keepalive_secs;
         let mut keep_alive = info.keep_alive;
@@ -382,7 +439,76 @@ impl Session {
         self.qos2_in.clear();
     }
 
-    async fn teardown(&mut self) {
+    /// Restores a saved session: subscriptions back in the router, queue refilled.
+    async fn restore(&mut self, record: SessionRecord) {
+        for s in record.subscriptions {
+            let routed = topic::split_shared(&s.filter).is_some() || !s.filter.starts_with('$');
+            if routed {
+                self.to_router.push(router_subscribe(&s.filter));
+            }
+            let sub = Subscription {
+                qos: s.qos,
+                no_local: s.no_local,
+                retain_as_published: s.retain_as_published,
+                id: s.id,
+                routed,
+            };
+            self.subs.insert(s.filter, sub);
+        }
+        self.queue = record.queued.into();
+        self.expiry_secs = record.expiry_secs;
+        if self.expiry_secs != u32::MAX {
+            self.expires_at = Some(Instant::now() + Duration::from_secs(self.expiry_secs.into()));
+        }
+        self.flush_router().await;
+    }
+
+    /// Saves a persistent session's state; `with_queue` at shutdown, when nothing
+    /// more will arrive.
+    fn save(&self, with_queue: bool) {
+        let id = SessionId {
+            identity: self.key.identity.clone(),
+            client_id: self.key.client_id.clone(),
+        };
+        let result = if self.expiry_secs == 0 {
+            self.shared.store.remove_session(&id)
+        } else {
+            let mut queued = Vec::new();
+            if with_queue {
+                let mut inflight: Vec<&Inflight> =
+                    self.inflight.values().filter(|m| !m.released).collect();
+                inflight.sort_unstable_by_key(|m| m.seq);
+                queued.extend(inflight.into_iter().map(|m| m.message.clone()));
+                queued.extend(self.queue.iter().cloned());
+            }
+            let record = SessionRecord {
+                expiry_secs: self.expiry_secs,
+                subscriptions: self
+                    .subs
+                    .iter()
+                    .map(|(filter, s)| SavedSubscription {
+                        filter: filter.clone(),
+                        qos: s.qos,
+                        no_local: s.no_local,
+                        retain_as_published: s.retain_as_published,
+                        id: s.id,
+                    })
+                    .collect(),
+                queued,
+            };
+            self.shared.store.put_session(&id, &record)
+        };
+        if let Err(e) = result {
+            error!(identity = %self.key.identity, client_id = %self.key.client_id, error = %e,
+                "session state not saved");
+        }
+    }
+
+    async fn teardown(&mut self, exit: Exit) {
+        if exit == Exit::Ended {
+            self.expiry_secs = 0;
+        }
+        self.save(true);
         self.flush_router().await;
         let disconnect = RouterPacket::Disconnect(
             rp::Disconnect {
@@ -640,19 +766,7 @@ impl Session {
                 )
                 .is_some();
             if routed && !existed {
-                self.to_router.push(RouterPacket::Subscribe(
-                    rp::Subscribe {
-                        pkid: 0,
-                        filters: vec![rp::Filter {
-                            path: req.filter.clone(),
-                            qos: rp::QoS::AtMostOnce,
-                            nolocal: false,
-                            preserve_retain: false,
-                            retain_forward_rule: rp::RetainForwardRule::Never,
-                        }],
-                    },
-                    None,
-                ));
+                self.to_router.push(router_subscribe(&req.filter));
             }
             codes.push(req.qos);
             let send_retained = !shared_sub
@@ -669,6 +783,9 @@ impl Session {
             debug!(identity = %c.identity, client_id = %c.client_id, codes = ?codes, "subscribed");
         }
         self.send(Outbound::SubAck { pkid, codes });
+        if self.expiry_secs > 0 {
+            self.save(false);
+        }
         // The router learns of the subscription before the retained snapshot is taken,
         // so a message published meanwhile arrives live if it is not in the snapshot.
         self.flush_router().await;
@@ -708,6 +825,9 @@ impl Session {
         }
         // Always answered here: the router never acknowledges an unknown filter.
         self.send(Outbound::UnsubAck { pkid, codes });
+        if self.expiry_secs > 0 {
+            self.save(false);
+        }
     }
 
     /// Drains router notifications; false when the link is gone.

@@ -1,5 +1,6 @@
-//! Durable storage of retained messages in sled, with group commit: concurrent
-//! publishers waiting for durability share one flush.
+//! What survives a restart, in sled: retained messages (durable before acknowledged,
+//! with group commit: concurrent publishers waiting for durability share one flush)
+//! and persistent sessions (subscriptions, and their queues at shutdown).
 
 use crate::codec::{decode_properties, encode_properties, Message};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -42,14 +43,41 @@ pub struct Stored {
 pub struct Opened {
     pub store: Store,
     pub messages: Vec<Stored>,
+    pub sessions: Vec<(SessionId, SessionRecord)>,
     /// Where a damaged store was moved, if it was.
     pub quarantined: Option<PathBuf>,
     pub unreadable_records: usize,
 }
 
+/// A persistent session's owner and client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionId {
+    pub identity: String,
+    pub client_id: String,
+}
+
+/// What a persistent session needs to resume after a restart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionRecord {
+    pub expiry_secs: u32,
+    pub subscriptions: Vec<SavedSubscription>,
+    /// Messages owed to the client (saved at shutdown).
+    pub queued: Vec<Message>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedSubscription {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<usize>,
+}
+
 pub struct Store {
     path: PathBuf,
     tree: sled::Tree,
+    sessions: sled::Tree,
     db: sled::Db,
     flush_requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
     flusher: tokio::task::JoinHandle<()>,
@@ -62,7 +90,9 @@ impl Store {
         let mut quarantined = None;
         let db = match open_db(&path).await {
             Ok(db) => db,
-            Err(OpenFailure::Io(reason)) => return Err(StoreError::Open { path, reason }),
+            Err(OpenFailure::Io(reason) | OpenFailure::Locked(reason)) => {
+                return Err(StoreError::Open { path, reason })
+            }
             Err(OpenFailure::Corrupt(reason)) => match on_corruption {
                 OnCorruption::Fail => return Err(StoreError::Corrupt { path, reason }),
                 OnCorruption::Quarantine => {
@@ -77,12 +107,26 @@ impl Store {
                 }
             },
         };
+        let mut unreadable_records = 0;
         let tree = db.open_tree("retained").map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        let session_tree = db.open_tree("sessions").map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut sessions = Vec::new();
+        for item in session_tree.iter() {
+            let decoded = item.ok().and_then(|(k, v)| {
+                Some((session_id(&k)?, decode_session(Bytes::copy_from_slice(&v))?))
+            });
+            match decoded {
+                Some(s) => sessions.push(s),
+                None => unreadable_records += 1,
+            }
+        }
         let mut messages = Vec::new();
-        let mut unreadable_records = 0;
         for item in tree.iter() {
             let decoded = item
                 .ok()
@@ -98,11 +142,13 @@ impl Store {
             store: Store {
                 path,
                 tree,
+                sessions: session_tree,
                 db,
                 flush_requests,
                 flusher,
             },
             messages,
+            sessions,
             quarantined,
             unreadable_records,
         })
@@ -128,6 +174,21 @@ impl Store {
     pub fn remove(&self, topic: &str) -> Result<(), StoreError> {
         self.tree
             .remove(topic.as_bytes())
+            .map(|_| ())
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Saves a persistent session's state (durable with the next flush).
+    pub fn put_session(&self, id: &SessionId, record: &SessionRecord) -> Result<(), StoreError> {
+        self.sessions
+            .insert(session_key(id), encode_session(record).to_vec())
+            .map(|_| ())
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    pub fn remove_session(&self, id: &SessionId) -> Result<(), StoreError> {
+        self.sessions
+            .remove(session_key(id))
             .map(|_| ())
             .map_err(|e| self.write_error(e.to_string()))
     }
@@ -202,18 +263,40 @@ async fn group_commit(
 
 enum OpenFailure {
     Io(String),
+    Locked(String),
     Corrupt(String),
 }
 
 impl std::fmt::Display for OpenFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Io(r) | Self::Corrupt(r) => f.write_str(r),
+            Self::Io(r) | Self::Locked(r) | Self::Corrupt(r) => f.write_str(r),
         }
     }
 }
 
+/// How long to wait for another process (or a broker stopping in this one) to
+/// release the store's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 async fn open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match try_open_db(path).await {
+            Err(OpenFailure::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(OpenFailure::Locked(reason)) => {
+                return Err(OpenFailure::Io(format!(
+                    "{reason}: is another broker using this data_dir?"
+                )))
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
     let owned = path.to_path_buf();
     // sled may panic on some damaged files instead of returning an error.
     let opened = tokio::task::spawn_blocking(move || {
@@ -222,6 +305,9 @@ async fn open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
     .await;
     match opened {
         Ok(Ok(Ok(db))) => Ok(db),
+        Ok(Ok(Err(sled::Error::Io(e)))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(OpenFailure::Locked(e.to_string()))
+        }
         Ok(Ok(Err(sled::Error::Io(e)))) if e.kind() != std::io::ErrorKind::InvalidData => {
             Err(OpenFailure::Io(e.to_string()))
         }
@@ -296,6 +382,94 @@ fn decode(key: &[u8], mut value: Bytes) -> Option<Stored> {
     })
 }
 
+fn session_key(id: &SessionId) -> Vec<u8> {
+    let mut key = id.identity.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(id.client_id.as_bytes());
+    key
+}
+
+fn session_id(key: &[u8]) -> Option<SessionId> {
+    let split = key.iter().position(|b| *b == 0)?;
+    Some(SessionId {
+        identity: String::from_utf8(key[..split].to_vec()).ok()?,
+        client_id: String::from_utf8(key[split + 1..].to_vec()).ok()?,
+    })
+}
+
+fn put_str(buf: &mut BytesMut, s: &str) {
+    buf.put_u32(s.len() as u32);
+    buf.put_slice(s.as_bytes());
+}
+
+fn take(buf: &mut Bytes, len: usize) -> Option<Bytes> {
+    (buf.len() >= len).then(|| buf.split_to(len))
+}
+
+fn take_u32(buf: &mut Bytes) -> Option<u32> {
+    (buf.len() >= 4).then(|| buf.get_u32())
+}
+
+fn take_str(buf: &mut Bytes) -> Option<String> {
+    let len = take_u32(buf)? as usize;
+    String::from_utf8(take(buf, len)?.to_vec()).ok()
+}
+
+fn encode_session(record: &SessionRecord) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_u8(RECORD_VERSION);
+    buf.put_u32(record.expiry_secs);
+    buf.put_u32(record.subscriptions.len() as u32);
+    for s in &record.subscriptions {
+        put_str(&mut buf, &s.filter);
+        buf.put_u8(s.qos);
+        buf.put_u8(u8::from(s.no_local) | u8::from(s.retain_as_published) << 1);
+        buf.put_u32(s.id.map_or(0, |id| id as u32));
+    }
+    buf.put_u32(record.queued.len() as u32);
+    let now = SystemTime::now();
+    for m in &record.queued {
+        put_str(&mut buf, &m.topic);
+        let body = encode(m, now);
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+    }
+    buf.freeze()
+}
+
+fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
+    if take(&mut buf, 1)?[0] != RECORD_VERSION {
+        return None;
+    }
+    let expiry_secs = take_u32(&mut buf)?;
+    let mut subscriptions = Vec::new();
+    for _ in 0..take_u32(&mut buf)? {
+        let filter = take_str(&mut buf)?;
+        let fixed = take(&mut buf, 6)?;
+        let id = u32::from_be_bytes([fixed[2], fixed[3], fixed[4], fixed[5]]);
+        subscriptions.push(SavedSubscription {
+            filter,
+            qos: fixed[0].min(2),
+            no_local: fixed[1] & 1 != 0,
+            retain_as_published: fixed[1] & 2 != 0,
+            id: (id != 0).then_some(id as usize),
+        });
+    }
+    let mut queued = Vec::new();
+    for _ in 0..take_u32(&mut buf)? {
+        let topic = take_str(&mut buf)?;
+        let len = take_u32(&mut buf)? as usize;
+        let mut message = decode(topic.as_bytes(), take(&mut buf, len)?)?.message;
+        message.retain = false;
+        queued.push(message);
+    }
+    Some(SessionRecord {
+        expiry_secs,
+        subscriptions,
+        queued,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +499,31 @@ mod tests {
         assert_eq!(back.message.payload, m.payload);
         assert_eq!(back.message.qos, 1);
         assert_eq!(back.message.properties, m.properties);
+    }
+
+    #[test]
+    fn session_record_round_trip() {
+        let record = SessionRecord {
+            expiry_secs: u32::MAX,
+            subscriptions: vec![SavedSubscription {
+                filter: "articulos/+/futbol".into(),
+                qos: 1,
+                no_local: true,
+                retain_as_published: false,
+                id: Some(7),
+            }],
+            queued: vec![Message {
+                retain: false,
+                ..message("articulos/a/futbol", b"{}")
+            }],
+        };
+        assert_eq!(decode_session(encode_session(&record)), Some(record));
+        let id = SessionId {
+            identity: "subscriber".into(),
+            client_id: "sub-1".into(),
+        };
+        assert_eq!(session_id(&session_key(&id)), Some(id));
+        assert_eq!(decode_session(Bytes::from_static(b"\x01\x00")), None);
     }
 
     #[tokio::test]

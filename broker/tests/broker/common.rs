@@ -111,6 +111,19 @@ impl TestBroker {
         TestClient::tls(self.addr, &self.pki.ca_pem(), cert).await
     }
 
+    /// Stops the broker and starts a new one on the same PKI and data folder.
+    pub async fn restart(mut self) -> Self {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        let handle = broker::start(self.pki.config()).await.unwrap();
+        Self {
+            addr: handle.local_addr(),
+            pki: self.pki,
+            handle: Some(handle),
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(h) = self.handle.take() {
             h.shutdown().await;

@@ -367,3 +367,38 @@ async fn shutdown_closes_clients_promptly() {
     c.expect_closed().await;
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn persistent_session_and_its_queue_survive_a_broker_restart() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    sub.connect("restart-keeper", false, 30).await;
+    sub.subscribe("news/#", QoS::AtLeastOnce).await;
+    drop(sub);
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("news/a", b"before restart", QoS::AtLeastOnce, false)
+        .await;
+    drop(publ);
+
+    let broker = broker.restart().await;
+    // Published while the subscriber is away, after the restart: the restored session queues it.
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("news/b", b"after restart", QoS::AtLeastOnce, false)
+        .await;
+    let mut sub = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    assert!(
+        sub.connect("restart-keeper", false, 30)
+            .await
+            .session_present
+    );
+    assert_eq!(&sub.next_publish().await.payload[..], b"before restart");
+    assert_eq!(&sub.next_publish().await.payload[..], b"after restart");
+    sub.expect_no_publish().await;
+    broker.shutdown().await;
+}
