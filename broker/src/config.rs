@@ -14,6 +14,8 @@ pub enum ConfigError {
         path: PathBuf,
         cause: config::ConfigError,
     },
+    #[error("{path}: {problem}")]
+    Acl { path: PathBuf, problem: String },
     #[error("{path}: key `{key}`: {problem}")]
     BadValue {
         path: PathBuf,
@@ -30,6 +32,11 @@ pub struct Config {
     pub session: SessionConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    /// `[[acl]]` rules; none at all lets every authenticated identity do everything.
+    pub acl: Vec<crate::acl::AclRule>,
+    /// The file this was read from, re-read to reload the ACL.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +172,7 @@ impl Config {
         config.validate(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        config.source = Some(path.into());
         Ok(config)
     }
 
@@ -194,6 +202,12 @@ impl Config {
         }
         if self.session.max_inflight == 0 {
             return bad("session.max_inflight", "must be at least 1");
+        }
+        if let Err(problem) = crate::acl::Acl::new(self.acl.clone()) {
+            return Err(ConfigError::Acl {
+                path: path.into(),
+                problem,
+            });
         }
         if !valid_log_level(&self.log.level) {
             return bad(

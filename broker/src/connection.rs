@@ -102,6 +102,15 @@ pub async fn handle(
             rejection = Some((ConnectCode::TopicNameInvalid, "invalid will topic"));
         }
     }
+    if let Some(will) = &info.will {
+        let acl = shared.acl();
+        if !acl
+            .check_publish(&identity, &info.client_id, &will.message.topic)
+            .allowed()
+        {
+            rejection = Some((ConnectCode::NotAuthorized, "will topic not authorized"));
+        }
+    }
     if let Some((code, why)) = rejection {
         framed.queue(Outbound::ConnAck {
             session_present: false,

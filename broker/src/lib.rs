@@ -4,6 +4,7 @@
 //! `session` owns a client's state and its router link; `router` wraps rumqttd.
 //! See docs/ARCHITECTURE.md.
 
+pub mod acl;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -20,4 +21,4 @@ pub mod tls;
 pub mod topic;
 
 pub use config::Config;
-pub use server::{start, Handle, StartError};
+pub use server::{start, Handle, Reloader, StartError};

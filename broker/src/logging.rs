@@ -3,7 +3,10 @@
 use crate::config::LogConfig;
 use std::io::IsTerminal;
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
@@ -25,9 +28,23 @@ pub struct LogGuard {
     _file: Option<WorkerGuard>,
 }
 
+/// How stdout lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdout {
+    /// Time, level, message, fields.
+    Plain,
+    /// `broker     | INFO message fields`, naming the component of each line, for the
+    /// one-process stack (like `docker compose up`).
+    Component,
+}
+
 /// Installs the global subscriber. rumqttd's own logs are kept to warnings unless the
 /// level names it.
 pub fn init(config: &LogConfig) -> Result<LogGuard, LogError> {
+    init_with(config, Stdout::Plain)
+}
+
+pub fn init_with(config: &LogConfig, style: Stdout) -> Result<LogGuard, LogError> {
     let filter_text = if config.level.contains("rumqttd") {
         config.level.clone()
     } else {
@@ -35,7 +52,10 @@ pub fn init(config: &LogConfig) -> Result<LogGuard, LogError> {
     };
     let filter = EnvFilter::try_new(&filter_text).map_err(|e| LogError::Level(e.to_string()))?;
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let stdout = fmt::layer().with_target(false).with_ansi(ansi);
+    let stdout = match style {
+        Stdout::Plain => fmt::layer().with_target(false).with_ansi(ansi).boxed(),
+        Stdout::Component => fmt::layer().event_format(ComponentFormat).boxed(),
+    };
     let (file_layer, guard) = if config.dir.as_os_str().is_empty() {
         (None, None)
     } else {
@@ -59,4 +79,44 @@ pub fn init(config: &LogConfig) -> Result<LogGuard, LogError> {
         .try_init()
         .map_err(|_| LogError::AlreadySet)?;
     Ok(LogGuard { _file: guard })
+}
+
+/// The component a log line comes from, by its target.
+pub fn component_of(target: &str) -> &'static str {
+    if target.starts_with("broker") || target.starts_with("rumqttd") {
+        "broker"
+    } else if target.starts_with("clients::publisher") {
+        "publisher"
+    } else if target.starts_with("clients::subscriber") {
+        "subscriber"
+    } else if target.starts_with("clients") {
+        "clients"
+    } else {
+        "stack"
+    }
+}
+
+struct ComponentFormat;
+
+impl<S, N> FormatEvent<S, N> for ComponentFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        write!(
+            writer,
+            "{:<10} | {:<5} ",
+            component_of(meta.target()),
+            meta.level()
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }

@@ -37,6 +37,30 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Inspect the ACL of the configuration file.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Would IDENTITY be allowed ACTION (publish or subscribe) on TOPIC? Prints the rule that decides.
+    Check {
+        identity: String,
+        action: AclAction,
+        topic: String,
+        /// Client id, for patterns with %c.
+        #[arg(long, default_value = "client")]
+        client_id: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AclAction {
+    Publish,
+    Subscribe,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +72,15 @@ fn main() -> ExitCode {
             clients,
             force,
         }) => certs(dir, sans, clients, force),
+        Some(Command::Acl {
+            command:
+                AclCommand::Check {
+                    identity,
+                    action,
+                    topic,
+                    client_id,
+                },
+        }) => acl_check(&cli.config, &identity, action, &topic, &client_id),
         None => run(cli.config),
     };
     match result {
@@ -79,16 +112,61 @@ fn certs(dir: PathBuf, sans: Vec<String>, clients: Vec<String>, force: bool) -> 
     Ok(())
 }
 
+fn acl_check(
+    config_path: &std::path::Path,
+    identity: &str,
+    action: AclAction,
+    topic: &str,
+    client_id: &str,
+) -> anyhow::Result<()> {
+    use broker::acl::{Acl, Action, Decision};
+    let config = Config::load(config_path)?;
+    let acl = Acl::new(config.acl).map_err(anyhow::Error::msg)?;
+    let action = match action {
+        AclAction::Publish => Action::Publish,
+        AclAction::Subscribe => Action::Subscribe,
+    };
+    match acl.check_action(identity, client_id, action, topic) {
+        Decision::AllowedByDefault => {
+            println!(
+                "allow: no [[acl]] rules in {}, everything is allowed",
+                config_path.display()
+            )
+        }
+        Decision::Allowed { index, pattern } => println!(
+            "allow: rule #{} (identity = \"{}\") grants {action} on \"{pattern}\"",
+            index + 1,
+            acl.rules()[index].identity
+        ),
+        Decision::Denied => {
+            println!("deny: no rule grants {identity} {action} on \"{topic}\"");
+        }
+    }
+    Ok(())
+}
+
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let _guard = logging::init(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let handle = broker::start(config).await?;
+        tokio::spawn(reload_on_sighup(handle.reloader()));
         handle.run_until(shutdown_signal()).await;
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+async fn reload_on_sighup(reloader: broker::Reloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the ACL");
+        reloader.reload_acl();
+    }
 }
 
 async fn shutdown_signal() {

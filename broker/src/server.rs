@@ -1,6 +1,7 @@
 //! The listener: accepts sockets under a connection limit, gives each its own task,
 //! and stops everything on shutdown.
 
+use crate::acl::Acl;
 use crate::config::Config;
 use crate::connection::{self, log_refusal};
 use crate::pki;
@@ -13,8 +14,9 @@ use crate::session::{self, Start};
 use crate::store::{SessionId, SessionRecord, Store};
 use crate::tls::{self, TlsError};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -33,6 +35,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot create the development PKI: {0}")]
     Pki(#[from] pki::PkiError),
+    #[error("ACL: {0}")]
+    Acl(String),
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {cause}; is another broker running? change [listener] bind")]
@@ -50,6 +54,9 @@ pub struct Shared {
     pub retained: Retained,
     pub store: Arc<Store>,
     pub registry: Registry,
+    acl: RwLock<Arc<Acl>>,
+    /// Bumped on every ACL change, so sessions re-check their subscriptions.
+    acl_generation: AtomicU64,
     ids: AtomicU64,
 }
 
@@ -58,6 +65,19 @@ impl Shared {
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
+
+    pub fn acl(&self) -> Arc<Acl> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn acl_generation(&self) -> u64 {
+        self.acl_generation.load(Ordering::Acquire)
+    }
+
+    fn set_acl(&self, acl: Acl) {
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
+        self.acl_generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// A running broker.
@@ -65,12 +85,50 @@ pub struct Handle {
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+/// Re-reads the ACL from the configuration file (SIGHUP, file change).
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Loads the configuration file again and swaps in its ACL; an invalid file keeps
+    /// the rules in force and says why.
+    pub fn reload_acl(&self) {
+        let Some(path) = self.shared.config.source.clone() else {
+            warn!("ACL reload asked, but the configuration did not come from a file");
+            return;
+        };
+        match Config::load(&path).map(|c| Acl::new(c.acl)) {
+            Ok(Ok(acl)) => {
+                let rules = acl.rules().len();
+                self.shared.set_acl(acl);
+                info!(file = %path.display(), rules, "ACL reloaded");
+            }
+            Ok(Err(e)) => {
+                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
+            }
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
+            }
+        }
+    }
 }
 
 impl Handle {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Something that reloads the ACL, for signal handlers and watchers.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Stops accepting, closes every session, and returns when they are closed.
@@ -95,6 +153,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let server_config =
         tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
+    let acl = Acl::new(config.acl.clone()).map_err(StartError::Acl)?;
+    if acl.is_open() {
+        warn!("no [[acl]] rules: every identity with a valid certificate may publish and subscribe anywhere");
+    }
     let (store, retained, sessions) = open_store(&config).await?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
@@ -111,17 +173,26 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         retained,
         store,
         registry: Registry::default(),
+        acl: RwLock::new(Arc::new(acl)),
+        acl_generation: AtomicU64::new(0),
         ids: AtomicU64::new(1),
         config,
     });
     restore_sessions(&shared, sessions);
     let (stop, stopped) = watch::channel(false);
     info!(addr = %local_addr, "listening for MQTT over mutual TLS");
-    let task = tokio::spawn(accept_loop(listener, shared, stopped));
+    if let Some(path) = shared.config.source.clone() {
+        let reloader = Reloader {
+            shared: shared.clone(),
+        };
+        tokio::spawn(watch_config(path, reloader, stopped.clone()));
+    }
+    let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
     Ok(Handle {
         local_addr,
         stop,
         task,
+        shared,
     })
 }
 
@@ -184,6 +255,27 @@ fn ensure_development_pki(config: &Config) -> Result<(), StartError> {
         layout.client_dir.display()
     );
     Ok(())
+}
+
+/// How often the configuration file's modification time is checked.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// Reloads the ACL when the configuration file changes on disk.
+async fn watch_config(path: PathBuf, reloader: Reloader, mut stopped: watch::Receiver<bool>) {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CONFIG_POLL) => {}
+            _ = stopped.changed() => return,
+        }
+        let now = modified(&path);
+        if now != last {
+            last = now;
+            info!(file = %path.display(), "configuration file changed");
+            reloader.reload_acl();
+        }
+    }
 }
 
 async fn accept_loop(

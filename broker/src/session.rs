@@ -3,6 +3,7 @@
 //! attached. A persistent session outlives its socket and keeps draining the router
 //! into its own queue, so nothing a QoS 1/2 subscriber is owed is lost while it is away.
 
+use crate::acl::Action;
 use crate::codec::{
     reason, ConnectCode, ConnectInfo, Framed, Inbound, Message, Outbound, ReadError, SubRequest,
     Version, Will,
@@ -35,6 +36,14 @@ pub type Conn = Framed<ReadHalf<TlsStream>, WriteHalf<TlsStream>>;
 const TOPIC_ALIAS_MAX: u16 = 64;
 /// Packets handled, or router notifications drained, before one flush.
 const BATCH: usize = 256;
+/// At shutdown, the router is considered drained after this long without a message...
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+/// ...or after this long in all.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// Repeated denials of one action on one topic are logged once per this period.
+const DENIAL_SUMMARY: Duration = Duration::from_secs(60);
+/// Distinct denials remembered per session for that summary.
+const DENIAL_KEYS: usize = 1024;
 /// Message ids remembered to drop the copies the router sends per overlapping filter.
 const RECENT_IDS: usize = 4096;
 
@@ -127,6 +136,10 @@ pub struct Session {
     expires_at: Option<Instant>,
     recent: RecentIds,
     to_router: Vec<RouterPacket>,
+    /// Denials logged recently: (action, topic) -> (last logged, repeats since).
+    denials: HashMap<(Action, String), (Option<Instant>, u64)>,
+    /// The ACL generation the subscriptions were last checked against.
+    acl_generation: u64,
     /// A retained QoS 1/2 message was stored: flush the store before acknowledging.
     needs_sync: bool,
     dropped: u64,
@@ -196,6 +209,8 @@ pub async fn run(
         expires_at: None,
         recent: RecentIds::default(),
         to_router: Vec::new(),
+        denials: HashMap::new(),
+        acl_generation: 0,
         needs_sync: false,
         dropped: 0,
         conn: None,
@@ -294,6 +309,7 @@ impl Session {
                     Some(Control::Attach(client)) => self.attach(client, false).await,
                     Some(Control::Shutdown) | None => {
                         self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
+                        self.drain_link().await;
                         return Exit::Shutdown;
                     }
                 },
@@ -314,6 +330,20 @@ impl Session {
             }
             if self.conn.is_none() && self.expiry_secs == 0 {
                 return Exit::Ended;
+            }
+        }
+    }
+
+    /// At shutdown: takes in what the router still holds for this session (messages
+    /// acknowledged to their publishers a moment ago), so it can be saved.
+    async fn drain_link(&mut self) {
+        let deadline = Instant::now() + DRAIN_MAX;
+        while Instant::now() < deadline {
+            let Ok(note) = tokio::time::timeout(DRAIN_IDLE, self.link_rx.next()).await else {
+                return;
+            };
+            if !self.on_link(note).await {
+                return;
             }
         }
     }
@@ -534,6 +564,7 @@ impl Session {
     }
 
     async fn on_read(&mut self, read: Result<Inbound, ReadError>) {
+        self.recheck_subscriptions();
         let mut next = read;
         for _ in 0..BATCH {
             match next {
@@ -668,6 +699,32 @@ impl Session {
             });
             return true;
         }
+        let acl = self.shared.acl();
+        if !acl
+            .check_publish(&self.key.identity, &self.key.client_id, &message.topic)
+            .allowed()
+        {
+            // Not delivered, not retained. MQTT 5 says so; 3.1.1 acknowledges and
+            // drops, as Mosquitto does, since it has no code for it.
+            self.log_denial(Action::Publish, &message.topic);
+            let code = match self.version() {
+                Version::V5 => reason::NOT_AUTHORIZED,
+                Version::V311 => reason::SUCCESS,
+            };
+            match message.qos {
+                1 => {
+                    self.send(Outbound::PubAck { pkid, reason: code });
+                }
+                2 => {
+                    if code == reason::SUCCESS {
+                        self.qos2_in.insert(pkid);
+                    }
+                    self.send(Outbound::PubRec { pkid, reason: code });
+                }
+                _ => {}
+            }
+            return true;
+        }
         let qos = message.qos;
         if !self.route(message) {
             self.storage_failure().await;
@@ -735,6 +792,7 @@ impl Session {
 
     async fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubRequest>, id: Option<usize>) {
         let v5 = self.version() == Version::V5;
+        let acl = self.shared.acl();
         let mut codes = Vec::with_capacity(filters.len());
         let mut wanted_retained = Vec::new();
         for req in filters {
@@ -745,6 +803,18 @@ impl Session {
                 }
                 codes.push(if v5 {
                     reason::TOPIC_FILTER_INVALID
+                } else {
+                    reason::SUB_FAILURE_V4
+                });
+                continue;
+            }
+            if !acl
+                .check_subscribe(&self.key.identity, &self.key.client_id, &req.filter)
+                .allowed()
+            {
+                self.log_denial(Action::Subscribe, &req.filter);
+                codes.push(if v5 {
+                    reason::NOT_AUTHORIZED
                 } else {
                     reason::SUB_FAILURE_V4
                 });
@@ -832,6 +902,7 @@ impl Session {
 
     /// Drains router notifications; false when the link is gone.
     async fn on_link(&mut self, first: Result<Option<Notification>, LinkError>) -> bool {
+        self.recheck_subscriptions();
         let mut wake = false;
         let mut next = first;
         for _ in 0..BATCH {
@@ -907,6 +978,68 @@ impl Session {
             },
             false,
         );
+    }
+
+    /// Logs a denial at WARN; repeats of the same action and topic are summarised at
+    /// most once a minute, with their count.
+    fn log_denial(&mut self, action: Action, topic: &str) {
+        let now = Instant::now();
+        if self.denials.len() > DENIAL_KEYS {
+            self.denials.clear();
+        }
+        let entry = self
+            .denials
+            .entry((action, topic.to_string()))
+            .or_insert((None, 0));
+        if entry
+            .0
+            .is_some_and(|last| now.duration_since(last) < DENIAL_SUMMARY)
+        {
+            entry.1 += 1;
+            return;
+        }
+        let repeated = std::mem::take(&mut entry.1);
+        entry.0 = Some(now);
+        let addr = self
+            .conn
+            .as_ref()
+            .map(|c| c.addr.to_string())
+            .unwrap_or_default();
+        warn!(identity = %self.key.identity, client_id = %self.key.client_id, addr = %addr,
+            action = %action, topic = %topic, repeated, "denied: not authorized");
+    }
+
+    /// After an ACL change, drops the subscriptions the new rules no longer grant.
+    fn recheck_subscriptions(&mut self) {
+        let generation = self.shared.acl_generation();
+        if generation == self.acl_generation {
+            return;
+        }
+        self.acl_generation = generation;
+        let acl = self.shared.acl();
+        let revoked: Vec<String> = self
+            .subs
+            .keys()
+            .filter(|f| {
+                !acl.check_subscribe(&self.key.identity, &self.key.client_id, f)
+                    .allowed()
+            })
+            .cloned()
+            .collect();
+        for filter in revoked {
+            self.log_denial(Action::Subscribe, &filter);
+            if let Some(sub) = self.subs.remove(&filter) {
+                if sub.routed {
+                    self.to_router.push(RouterPacket::Unsubscribe(
+                        rp::Unsubscribe {
+                            pkid: 0,
+                            filters: vec![filter],
+                        },
+                        None,
+                    ));
+                }
+            }
+        }
     }
 
     fn window(&self) -> usize {

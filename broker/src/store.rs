@@ -305,7 +305,11 @@ async fn try_open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
     .await;
     match opened {
         Ok(Ok(Ok(db))) => Ok(db),
-        Ok(Ok(Err(sled::Error::Io(e)))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+        // sled reports a held lock as an `Other` error naming it.
+        Ok(Ok(Err(sled::Error::Io(e))))
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.to_string().contains("could not acquire lock") =>
+        {
             Err(OpenFailure::Locked(e.to_string()))
         }
         Ok(Ok(Err(sled::Error::Io(e)))) if e.kind() != std::io::ErrorKind::InvalidData => {

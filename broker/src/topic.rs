@@ -70,6 +70,10 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 /// Whether every topic `inner` can match is also matched by `outer`
 /// (`articulos/+/futbol` is inside `articulos/#`; `#` is not).
 pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    // Wildcards at the first level never reach `$` topics.
+    if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
+        return false;
+    }
     let mut o = outer.split('/');
     let mut i = inner.split('/');
     loop {
@@ -154,5 +158,7 @@ mod tests {
         assert!(!filter_covers("articulos/+/futbol", "articulos/#"));
         assert!(!filter_covers("articulos/eldiario/#", "articulos/+/futbol"));
         assert!(filter_covers("#", "anything/#"));
+        assert!(!filter_covers("#", "$SYS/#"));
+        assert!(filter_covers("$SYS/#", "$SYS/broker/+"));
     }
 }

@@ -99,6 +99,23 @@ impl TestBroker {
         }
     }
 
+    /// A broker configured from a `broker.toml` written in the PKI folder, with `extra`
+    /// TOML appended (ACL rules); returns the file's path too, for reload tests.
+    pub async fn start_from_file(extra: &str) -> (Self, PathBuf) {
+        capture_logs();
+        let pki = TestPki::new();
+        let path = pki.path("broker.toml");
+        std::fs::write(&path, config_text(&pki, extra)).unwrap();
+        let config = Config::load(&path).unwrap();
+        let handle = broker::start(config).await.unwrap();
+        let broker = Self {
+            addr: handle.local_addr(),
+            pki,
+            handle: Some(handle),
+        };
+        (broker, path)
+    }
+
     /// Connects with `name`'s certificate and an accepted CONNECT.
     pub async fn client(&self, name: &str, client_id: &str) -> TestClient {
         let mut c = self.tls(Some(&self.pki.client(name))).await.unwrap();
@@ -129,6 +146,20 @@ impl TestBroker {
             h.shutdown().await;
         }
     }
+}
+
+/// A configuration file for `pki` with `extra` appended.
+pub fn config_text(pki: &TestPki, extra: &str) -> String {
+    format!(
+        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = \"ca.crt\"\ncert_file = \"broker.crt\"\nkey_file = \"broker.key\"\nauto_generate = false\n[storage]\ndata_dir = \"{}\"\n[log]\ndir = \"\"\n{extra}",
+        pki.path("data").display()
+    )
+}
+
+/// The `[[acl]]` rules of the shipped broker.toml.
+pub fn shipped_acl() -> Vec<broker::acl::AclRule> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker.toml");
+    Config::load(&path).unwrap().acl
 }
 
 /// A minimal MQTT 3.1.1 client that shows exactly what the broker sends.

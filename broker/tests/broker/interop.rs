@@ -45,7 +45,7 @@ async fn mosquitto_clients_exchange_a_message_and_are_refused_without_certificat
     if !available("mosquitto_pub", &["--help"]) && !available("mosquitto_sub", &["--help"]) {
         return;
     }
-    let broker = TestBroker::start().await;
+    let broker = TestBroker::start_with(|c| c.acl = shipped_acl()).await;
     for version in ["mqttv311", "mqttv5"] {
         let client_id = format!("sub-interop-{version}");
         let mut sub = mosquitto("mosquitto_sub", &broker, Some("subscriber"));
@@ -118,26 +118,36 @@ const PAHO_SCRIPT: &str = r#"
 import ssl, sys
 import paho.mqtt.client as mqtt
 host, port, ca, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-try:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION1, client_id="paho-interop")
-except AttributeError:
-    client = mqtt.Client(client_id="paho-interop")
-client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+sub_cert, sub_key = sys.argv[6], sys.argv[7]
+def make(client_id, certfile, keyfile):
+    try:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION1, client_id=client_id)
+    except AttributeError:
+        c = mqtt.Client(client_id=client_id)
+    c.tls_set(ca_certs=ca, certfile=certfile, keyfile=keyfile, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return c
+publisher = make("paho-pub", cert, key)
+subscriber = make("paho-sub", sub_cert, sub_key)
 result = {}
 def on_connect(c, userdata, flags, rc):
     if rc != 0:
         print("refused", rc); sys.exit(3)
     c.subscribe("articulos/paho/futbol", qos=1)
 def on_subscribe(c, userdata, mid, granted):
-    c.publish("articulos/paho/futbol", "hola desde paho", qos=1)
+    if granted[0] == 128:
+        print("subscription refused"); sys.exit(4)
+    publisher.connect(host, port, keepalive=30)
+    publisher.loop_start()
+    publisher.publish("articulos/paho/futbol", "hola desde paho", qos=1)
 def on_message(c, userdata, msg):
     result["payload"] = msg.payload.decode()
     c.disconnect()
-client.on_connect = on_connect
-client.on_subscribe = on_subscribe
-client.on_message = on_message
-client.connect(host, port, keepalive=30)
-client.loop_forever(timeout=1.0)
+subscriber.on_connect = on_connect
+subscriber.on_subscribe = on_subscribe
+subscriber.on_message = on_message
+subscriber.connect(host, port, keepalive=30)
+subscriber.loop_forever(timeout=1.0)
+publisher.loop_stop()
 print(result.get("payload", "NOTHING"))
 "#;
 
@@ -147,7 +157,7 @@ async fn paho_mqtt_publishes_and_receives_with_certificates() {
     if !available(python, &["-c", "import paho.mqtt.client"]) {
         return;
     }
-    let broker = TestBroker::start().await;
+    let broker = TestBroker::start_with(|c| c.acl = shipped_acl()).await;
     let script = broker.pki.path("paho_interop.py");
     std::fs::write(&script, PAHO_SCRIPT).unwrap();
     let mut cmd = Command::new(python);
@@ -155,7 +165,9 @@ async fn paho_mqtt_publishes_and_receives_with_certificates() {
         .args(["127.0.0.1", &broker.addr.port().to_string()])
         .arg(&broker.pki.layout.ca_cert)
         .arg(broker.pki.layout.client_cert("publisher"))
-        .arg(broker.pki.layout.client_key("publisher"));
+        .arg(broker.pki.layout.client_key("publisher"))
+        .arg(broker.pki.layout.client_cert("subscriber"))
+        .arg(broker.pki.layout.client_key("subscriber"));
     let out = tokio::time::timeout(WAIT * 2, run(cmd))
         .await
         .expect("paho client hung");

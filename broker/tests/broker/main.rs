@@ -1,5 +1,6 @@
 //! The broker tested through its network edge: real TLS, real sockets, 127.0.0.1:0.
 
+mod acl;
 mod common;
 mod interop;
 mod messaging;

@@ -1,0 +1,237 @@
+//! Authorization by certificate identity, attempted for real over TLS.
+
+use crate::common::*;
+use rumqttc::mqttbytes::v4::{self, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+
+const RULES: &str = r##"
+[[acl]]
+identity = "publisher"
+publish = ["articulos/#"]
+[[acl]]
+identity = "subscriber"
+subscribe = ["articulos/#", "$SYS/#"]
+[[acl]]
+identity = "observer"
+subscribe = ["#"]
+publish = ["devices/%u/%c/#"]
+"##;
+
+#[tokio::test]
+async fn publisher_cannot_subscribe_and_subscriber_cannot_publish() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    let mut observer = broker.client("observer", "obs").await;
+    observer.subscribe("#", QoS::AtLeastOnce).await;
+
+    let mut publ = broker.client("publisher", "pub-acl").await;
+    let codes = publ.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+    wait_for_log(&[
+        "WARN",
+        "denied: not authorized",
+        "identity=publisher",
+        "client_id=pub-acl",
+        "action=subscribe",
+        "topic=articulos/#",
+        &publ.local.to_string(),
+    ])
+    .await;
+
+    let mut sub = broker.client("subscriber", "sub-acl").await;
+    // 3.1.1 has no code for it: acknowledged and dropped, as Mosquitto does.
+    sub.publish("articulos/falso/futbol", b"forged", QoS::AtLeastOnce, true)
+        .await;
+    wait_for_log(&[
+        "WARN",
+        "denied: not authorized",
+        "identity=subscriber",
+        "client_id=sub-acl",
+        "action=publish",
+        "topic=articulos/falso/futbol",
+    ])
+    .await;
+    observer.expect_no_publish().await;
+    // Not retained either.
+    let mut late = broker.client("observer", "late").await;
+    late.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    late.expect_no_publish().await;
+
+    // The allowed direction works.
+    publ.publish("articulos/bien/futbol", b"ok", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(observer.next_publish().await.topic, "articulos/bien/futbol");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn mixed_subscribe_gets_a_code_per_filter() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    let mut sub = broker.client("subscriber", "mixed").await;
+    let mut s = v4::Subscribe::new("articulos/+/futbol", QoS::AtLeastOnce);
+    s.pkid = 9;
+    s.add("#".into(), QoS::AtLeastOnce);
+    s.add("$SYS/#".into(), QoS::AtMostOnce);
+    sub.send(Packet::Subscribe(s)).await;
+    match sub.recv().await {
+        Packet::SubAck(ack) => assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce)
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("articulos/x/futbol", b"si", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"si");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn identity_and_client_id_substitution() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    let mut watcher = broker.client("observer", "watcher").await;
+    watcher.subscribe("devices/#", QoS::AtLeastOnce).await;
+    let mut dev = broker.client("observer", "dev-7").await;
+    dev.publish(
+        "devices/observer/dev-7/temp",
+        b"21",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    dev.publish(
+        "devices/observer/dev-8/temp",
+        b"spoof",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"21");
+    watcher.expect_no_publish().await;
+    wait_for_log(&[
+        "denied: not authorized",
+        "client_id=dev-7",
+        "topic=devices/observer/dev-8/temp",
+    ])
+    .await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn will_to_a_forbidden_topic_is_refused_with_not_authorized() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    let mut c = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    let mut connect = v4::Connect::new("will-sub");
+    connect.last_will = Some(v4::LastWill::new(
+        "articulos/will",
+        "x",
+        QoS::AtMostOnce,
+        false,
+    ));
+    c.send(Packet::Connect(connect)).await;
+    match c.recv().await {
+        Packet::ConnAck(ack) => assert_eq!(ack.code, v4::ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c.expect_closed().await;
+    wait_for_log(&[
+        "connection refused",
+        "will topic not authorized",
+        &c.local.to_string(),
+    ])
+    .await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_certificate_cannot_hijack_a_persistent_session() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    let mut a = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    a.connect("victim", false, 30).await;
+    a.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    drop(a);
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish(
+        "articulos/x/futbol",
+        b"for the victim",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+
+    // Same client id, other certificate: a separate session with nothing queued.
+    let mut b = broker
+        .tls(Some(&broker.pki.client("observer")))
+        .await
+        .unwrap();
+    assert!(!b.connect("victim", false, 30).await.session_present);
+    b.expect_no_publish().await;
+
+    let mut a = broker
+        .tls(Some(&broker.pki.client("subscriber")))
+        .await
+        .unwrap();
+    assert!(a.connect("victim", false, 30).await.session_present);
+    assert_eq!(&a.next_publish().await.payload[..], b"for the victim");
+    // B connecting again under the same id does not disconnect A.
+    let mut b2 = broker
+        .tls(Some(&broker.pki.client("observer")))
+        .await
+        .unwrap();
+    b2.connect("victim", true, 30).await;
+    a.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn rules_reload_from_disk_on_live_connections() {
+    let (broker, path) = TestBroker::start_from_file(RULES).await;
+    let mut observer = broker.client("observer", "obs-reload").await;
+    observer.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "pub-reload").await;
+    publ.publish("articulos/a/futbol", b"antes", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&observer.next_publish().await.payload[..], b"antes");
+
+    // An invalid file keeps the old rules.
+    std::fs::write(
+        &path,
+        config_text(
+            &broker.pki,
+            "[[acl]]\nidentity = \"publisher\"\npublish = [\"bad/#/x\"]\n",
+        ),
+    )
+    .unwrap();
+    wait_for_log(&["ACL reload failed", "acl[0].publish[0]"]).await;
+    publ.publish("articulos/b/futbol", b"sigue", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&observer.next_publish().await.payload[..], b"sigue");
+
+    // The publisher's rule removed: its next publish is denied, on the same connection.
+    let without_publisher = RULES.replace(
+        "identity = \"publisher\"\npublish = [\"articulos/#\"]",
+        "identity = \"publisher\"",
+    );
+    std::fs::write(&path, config_text(&broker.pki, &without_publisher)).unwrap();
+    wait_for_log(&["ACL reloaded", "rules=3"]).await;
+    publ.publish("articulos/c/futbol", b"prohibido", QoS::AtLeastOnce, false)
+        .await;
+    wait_for_log(&[
+        "denied: not authorized",
+        "client_id=pub-reload",
+        "topic=articulos/c/futbol",
+    ])
+    .await;
+    observer.expect_no_publish().await;
+    broker.shutdown().await;
+}
