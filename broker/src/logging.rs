@@ -54,7 +54,10 @@ pub fn init_with(config: &LogConfig, style: Stdout) -> Result<LogGuard, LogError
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let stdout = match style {
         Stdout::Plain => fmt::layer().with_target(false).with_ansi(ansi).boxed(),
-        Stdout::Component => fmt::layer().event_format(ComponentFormat).boxed(),
+        Stdout::Component => fmt::layer()
+            .with_ansi(ansi)
+            .event_format(ComponentFormat)
+            .boxed(),
     };
     let (file_layer, guard) = if config.dir.as_os_str().is_empty() {
         (None, None)
