@@ -29,6 +29,7 @@ fn config(dir: &Path, bind: SocketAddr) -> broker::Config {
     c.tls.key_file = dir.join("certs/broker.key");
     c.storage.data_dir = dir.join("data");
     c.log.dir = Default::default();
+    c.metrics.bind = "127.0.0.1:0".into();
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.toml");
     c.acl = broker::Config::load(&shipped).unwrap().acl;
     c
@@ -318,7 +319,9 @@ fn stack_binary_runs_all_three_and_stops_cleanly() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.toml")).unwrap();
     std::fs::write(
         dir.path().join("broker.toml"),
-        shipped.replace("0.0.0.0:8883", "127.0.0.1:0"),
+        shipped
+            .replace("0.0.0.0:8883", "127.0.0.1:0")
+            .replace("127.0.0.1:9883", "127.0.0.1:0"),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-stack"))

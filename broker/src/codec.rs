@@ -2,6 +2,7 @@
 //! per-version packets and the version-free packets the session works with.
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use rumqttc::mqttbytes::{self as v4b, v4};
 use rumqttc::v5::mqttbytes::{self as v5b, v5};
 use std::io;
@@ -228,6 +229,8 @@ pub struct Framed<R, W> {
     max_in: usize,
     /// The client's Maximum Packet Size (MQTT 5).
     pub max_out: Option<u32>,
+    /// Bytes read and written, for the metrics.
+    counters: Option<(Counter, Counter)>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
@@ -240,7 +243,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
             version: Version::V311,
             max_in,
             max_out: None,
+            counters: None,
         }
+    }
+
+    /// Counts bytes read into `read` and bytes written into `written`.
+    pub fn count_bytes(&mut self, read: Counter, written: Counter) {
+        self.counters = Some((read, written));
     }
 
     /// Reads more bytes; cancel-safe (bytes read are kept in the buffer).
@@ -250,7 +259,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
         }
         match self.reader.read_buf(&mut self.rbuf).await? {
             0 => Err(ReadError::Closed),
-            _ => Ok(()),
+            n => {
+                if let Some((read, _)) = &self.counters {
+                    read.inc_by(n as u64);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -388,6 +402,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.writer.write_all(&self.wbuf).await?;
+            if let Some((_, written)) = &self.counters {
+                written.inc_by(self.wbuf.len() as u64);
+            }
             self.wbuf.clear();
         }
         self.writer.flush().await

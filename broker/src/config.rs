@@ -32,6 +32,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// `[[acl]]` rules; none at all lets every authenticated identity do everything.
     pub acl: Vec<crate::acl::AclRule>,
     /// The file this was read from, re-read to reload the ACL.
@@ -80,8 +81,44 @@ pub struct StorageConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint `/metrics`; empty disables it.
+    pub bind: String,
+    /// Seconds between two `$SYS` updates; 0 disables them.
+    pub sys_interval_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9883".into(),
+            sys_interval_secs: 10,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The endpoint's address, None when disabled.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.bind.parse().ok()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub level: String,
+    pub format: LogFormat,
     /// Folder of the daily-rotated `broker.log`; empty: no file.
     pub dir: PathBuf,
 }
@@ -132,6 +169,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
             dir: "logs".into(),
         }
     }
@@ -198,6 +236,12 @@ impl Config {
             return bad(
                 "listener.max_packet_size",
                 "must be between 128 and 268435455 bytes",
+            );
+        }
+        if !self.metrics.bind.is_empty() && self.metrics.addr().is_none() {
+            return bad(
+                "metrics.bind",
+                "must be an address:port such as 127.0.0.1:9883, or empty to disable",
             );
         }
         if self.session.max_inflight == 0 {

@@ -3,6 +3,7 @@
 //! Every refusal is logged once, at WARN, with the address and the reason.
 
 use crate::codec::{ConnectCode, FirstPacket, Framed, Outbound, ReadError, Version};
+use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::registry::{Attached, SessionKey};
 use crate::server::Shared;
@@ -20,12 +21,15 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// First byte of an MQTT CONNECT.
 const MQTT_CONNECT: u8 = 0x10;
 
+/// Logs a refusal once, at WARN, and counts it.
 pub fn log_refusal(
+    metrics: &Metrics,
     addr: SocketAddr,
     identity: Option<&str>,
     client_id: Option<&str>,
     why: &Refusal,
 ) {
+    metrics.refused(why);
     warn!(
         addr = %addr,
         identity = %identity.unwrap_or("-"),
@@ -44,17 +48,23 @@ pub async fn handle(
 ) {
     let _ = tcp.set_nodelay(true);
     let listener = &shared.config.listener;
+    let metrics = &shared.metrics;
+    let started = std::time::Instant::now();
     let tls = match timeout(listener.handshake_timeout(), handshake(tcp, &shared)).await {
-        Err(_) => return log_refusal(addr, None, None, &Refusal::HandshakeTimeout),
-        Ok(Err(why)) => return log_refusal(addr, None, None, &why),
+        Err(_) => return log_refusal(metrics, addr, None, None, &Refusal::HandshakeTimeout),
+        Ok(Err(why)) => return log_refusal(metrics, addr, None, None, &why),
         Ok(Ok(tls)) => tls,
     };
+    metrics
+        .handshake_seconds
+        .observe(started.elapsed().as_secs_f64());
     let Some(identity) = tls::identity(tls.get_ref().1.peer_certificates()) else {
-        return log_refusal(addr, None, None, &Refusal::NoIdentity);
+        return log_refusal(metrics, addr, None, None, &Refusal::NoIdentity);
     };
     let (reader, writer) = tokio::io::split(tls);
     let mut framed = Framed::new(reader, writer, listener.max_packet_size);
-    let refuse = |why: Refusal| log_refusal(addr, Some(&identity), None, &why);
+    framed.count_bytes(metrics.bytes_received.clone(), metrics.bytes_sent.clone());
+    let refuse = |why: Refusal| log_refusal(metrics, addr, Some(&identity), None, &why);
     let first = match timeout(listener.connect_timeout(), framed.read_connect()).await {
         Err(_) => return refuse(Refusal::ConnectTimeout),
         Ok(Err(ReadError::TooLarge { size, max })) => {
@@ -93,13 +103,16 @@ pub async fn handle(
         } else {
             rejection = Some((
                 ConnectCode::ClientIdRejected,
-                "empty client id without clean session",
+                Refusal::BadConnect("empty client id without clean session".into()),
             ));
         }
     }
     if let Some(will) = &info.will {
         if !crate::topic::valid_name(&will.message.topic) {
-            rejection = Some((ConnectCode::TopicNameInvalid, "invalid will topic"));
+            rejection = Some((
+                ConnectCode::TopicNameInvalid,
+                Refusal::BadConnect("invalid will topic".into()),
+            ));
         }
     }
     if let Some(will) = &info.will {
@@ -108,7 +121,11 @@ pub async fn handle(
             .check_publish(&identity, &info.client_id, &will.message.topic)
             .allowed()
         {
-            rejection = Some((ConnectCode::NotAuthorized, "will topic not authorized"));
+            shared.metrics.denied(crate::acl::Action::Publish);
+            rejection = Some((
+                ConnectCode::NotAuthorized,
+                Refusal::NotAuthorized(format!("will topic {}", will.message.topic)),
+            ));
         }
     }
     if let Some((code, why)) = rejection {
@@ -118,8 +135,7 @@ pub async fn handle(
             properties: None,
         });
         framed.shutdown().await;
-        let why = Refusal::BadConnect(why.into());
-        return log_refusal(addr, Some(&identity), Some(&info.client_id), &why);
+        return log_refusal(metrics, addr, Some(&identity), Some(&info.client_id), &why);
     }
 
     let key = SessionKey {

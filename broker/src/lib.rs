@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod logging;
+pub mod metrics;
 pub mod pki;
 pub mod refusal;
 pub mod registry;
@@ -17,6 +18,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod sys;
 pub mod tls;
 pub mod topic;
 

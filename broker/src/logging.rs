@@ -1,6 +1,6 @@
 //! Operator logs: readable lines on stdout and a daily-rotated `broker.log`.
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, LogFormat};
 use std::io::IsTerminal;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
@@ -52,9 +52,15 @@ pub fn init_with(config: &LogConfig, style: Stdout) -> Result<LogGuard, LogError
     };
     let filter = EnvFilter::try_new(&filter_text).map_err(|e| LogError::Level(e.to_string()))?;
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let stdout = match style {
-        Stdout::Plain => fmt::layer().with_target(false).with_ansi(ansi).boxed(),
-        Stdout::Component => fmt::layer()
+    let json = config.format == LogFormat::Json;
+    let stdout = match (json, style) {
+        (true, _) => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed(),
+        (false, Stdout::Plain) => fmt::layer().with_target(false).with_ansi(ansi).boxed(),
+        (false, Stdout::Component) => fmt::layer()
             .with_ansi(ansi)
             .event_format(ComponentFormat)
             .boxed(),
@@ -68,11 +74,20 @@ pub fn init_with(config: &LogConfig, style: Stdout) -> Result<LogGuard, LogError
         })?;
         let appender = tracing_appender::rolling::daily(&config.dir, "broker.log");
         let (writer, guard) = tracing_appender::non_blocking(appender);
-        let layer = fmt::layer()
-            .with_ansi(false)
-            .with_target(false)
-            .with_writer(writer)
-            .boxed();
+        let layer = if json {
+            fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_writer(writer)
+                .boxed()
+        } else {
+            fmt::layer()
+                .with_ansi(false)
+                .with_target(false)
+                .with_writer(writer)
+                .boxed()
+        };
         (Some(layer), Some(guard))
     };
     tracing_subscriber::registry()

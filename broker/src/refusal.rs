@@ -28,6 +28,30 @@ pub enum Refusal {
         size: usize,
         max: usize,
     },
+    NotAuthorized(String),
+}
+
+impl Refusal {
+    /// The `reason` label of the refusal metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::TooManyConnections(_) => "too_many_connections",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::NotTls { .. } => "not_tls",
+            Self::NoCertificate => "no_certificate",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::BadCertificate(_) | Self::NoIdentity => "bad_certificate",
+            Self::ClientAborted(_) | Self::HandshakeFailed(_) => "handshake_failed",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::NotMqtt(_) => "not_mqtt",
+            Self::BadConnect(_) | Self::UnsupportedProtocol(_) => "bad_connect",
+            Self::NotAuthorized(_) => "not_authorized",
+            Self::PacketTooLarge { .. } => "packet_too_large",
+        }
+    }
 }
 
 impl fmt::Display for Refusal {
@@ -59,6 +83,7 @@ impl fmt::Display for Refusal {
             Self::UnsupportedProtocol(level) => {
                 write!(f, "unsupported MQTT protocol level {level}")
             }
+            Self::NotAuthorized(why) => write!(f, "not authorized: {why}"),
             Self::PacketTooLarge { size, max } => {
                 write!(
                     f,

@@ -66,10 +66,16 @@ impl Retained {
     /// Stores `message` as the retained one for its topic; an empty payload deletes
     /// it. Written to the store, not yet durable: see `sync`.
     pub fn set(&self, message: &Message) -> Result<(), StoreError> {
-        let now = SystemTime::now();
         if let Some(store) = &self.store {
-            store.put(message, now)?;
+            store.put(message, SystemTime::now())?;
         }
+        self.set_volatile(message);
+        Ok(())
+    }
+
+    /// Keeps `message` as retained in memory only (`$SYS` values, rebuilt at start).
+    pub fn set_volatile(&self, message: &Message) {
+        let now = SystemTime::now();
         let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
         if message.payload.is_empty() {
             map.remove(&message.topic);
@@ -82,7 +88,6 @@ impl Retained {
             };
             map.insert(message.topic.clone(), entry);
         }
-        Ok(())
     }
 
     /// Returns once every `set` so far is on disk (shared with concurrent callers).

@@ -63,12 +63,21 @@ pub struct Envelope {
     /// Unique per message: copies the router delivers once per matching filter are
     /// recognised by it.
     pub id: u64,
+    /// When the broker received it (µs since the Unix epoch), for delivery latency.
+    pub received_at: u64,
     pub properties: Option<PublishProperties>,
 }
 
 const HAS_PROPERTIES: u8 = 0b100;
 const RETAIN: u8 = 0b1000;
-const HEADER_LEN: usize = 17;
+const HEADER_LEN: usize = 25;
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
 
 impl Envelope {
     /// The envelope followed by `payload`. Never empty, so the router never takes it
@@ -87,6 +96,7 @@ impl Envelope {
         buf.put_u8(flags);
         buf.put_u64(self.origin);
         buf.put_u64(self.id);
+        buf.put_u64(self.received_at);
         if let Some(props) = props {
             buf.put_u32(props.len() as u32);
             buf.put_slice(&props);
@@ -103,6 +113,7 @@ impl Envelope {
         let flags = data.get_u8();
         let origin = data.get_u64();
         let id = data.get_u64();
+        let received_at = data.get_u64();
         let properties = if flags & HAS_PROPERTIES != 0 {
             if data.len() < 4 {
                 return None;
@@ -120,6 +131,7 @@ impl Envelope {
             retain: flags & RETAIN != 0,
             origin,
             id,
+            received_at,
             properties,
         };
         Some((envelope, data))
@@ -137,6 +149,7 @@ mod tests {
             retain: true,
             origin: 7,
             id: 42,
+            received_at: 1_700_000_000_000_000,
             properties: None,
         };
         let (back, payload) = Envelope::unwrap(env.wrap(b"hola")).unwrap();
@@ -157,6 +170,7 @@ mod tests {
             retain: false,
             origin: 1,
             id: 2,
+            received_at: 3,
             properties: Some(props),
         };
         let wrapped = env.wrap(b"");

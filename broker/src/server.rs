@@ -4,6 +4,7 @@
 use crate::acl::Acl;
 use crate::config::Config;
 use crate::connection::{self, log_refusal};
+use crate::metrics::Metrics;
 use crate::pki;
 use crate::refusal::Refusal;
 use crate::registry::Registry;
@@ -13,6 +14,7 @@ use crate::router::Router;
 use crate::session::{self, Start};
 use crate::store::{SessionId, SessionRecord, Store};
 use crate::tls::{self, TlsError};
+use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,11 @@ pub enum StartError {
     Acl(String),
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot serve metrics on {addr}: {cause}; change [metrics] bind, or set it to \"\" to disable")]
+    Metrics {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {cause}; is another broker running? change [listener] bind")]
     Bind {
         addr: SocketAddr,
@@ -54,16 +61,36 @@ pub struct Shared {
     pub retained: Retained,
     pub store: Arc<Store>,
     pub registry: Registry,
+    pub metrics: Metrics,
     acl: RwLock<Arc<Acl>>,
     /// Bumped on every ACL change, so sessions re-check their subscriptions.
     acl_generation: AtomicU64,
     ids: AtomicU64,
+    /// One per open connection, up to `max_connections`.
+    pub permits: Arc<Semaphore>,
+    pub started: std::time::Instant,
+    /// The latest `$SYS` values, for sessions subscribed to them.
+    pub sys: watch::Sender<Arc<Vec<crate::codec::Message>>>,
 }
 
 impl Shared {
     /// A process-unique number (session ids, message ids, assigned client ids).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sets the gauges that are read rather than counted.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let open = self.config.listener.max_connections - self.permits.available_permits();
+        m.connections.set(open as i64);
+        m.retained.set(self.retained.len() as i64);
+        m.storage_bytes.set(self.store.size_on_disk() as i64);
+        for path in [&self.config.tls.ca_file, &self.config.tls.cert_file] {
+            if let Some(days) = crate::tls::days_until_expiry(path) {
+                m.set_certificate_expiry(&path.display().to_string(), days);
+            }
+        }
     }
 
     pub fn acl(&self) -> Arc<Acl> {
@@ -83,6 +110,7 @@ impl Shared {
 /// A running broker.
 pub struct Handle {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     shared: Arc<Shared>,
@@ -124,6 +152,11 @@ impl Handle {
         self.local_addr
     }
 
+    /// The Prometheus endpoint's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Something that reloads the ACL, for signal handlers and watchers.
     pub fn reloader(&self) -> Reloader {
         Reloader {
@@ -157,7 +190,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     if acl.is_open() {
         warn!("no [[acl]] rules: every identity with a valid certificate may publish and subscribe anywhere");
     }
-    let (store, retained, sessions) = open_store(&config).await?;
+    let metrics = Metrics::new();
+    let config_max_connections = config.listener.max_connections;
+    let (store, retained, sessions) = open_store(&config, metrics.flush_seconds.clone()).await?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
         .await
@@ -173,13 +208,24 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         retained,
         store,
         registry: Registry::default(),
+        metrics,
         acl: RwLock::new(Arc::new(acl)),
         acl_generation: AtomicU64::new(0),
         ids: AtomicU64::new(1),
+        permits: Arc::new(Semaphore::new(config_max_connections)),
+        started: std::time::Instant::now(),
+        sys: watch::channel(Arc::new(Vec::new())).0,
         config,
     });
     restore_sessions(&shared, sessions);
     let (stop, stopped) = watch::channel(false);
+    let metrics_addr = match shared.config.metrics.addr() {
+        Some(addr) => Some(crate::metrics::serve(addr, shared.clone(), stopped.clone()).await?),
+        None => None,
+    };
+    if shared.config.metrics.sys_interval_secs > 0 {
+        tokio::spawn(crate::sys::publish_loop(shared.clone(), stopped.clone()));
+    }
     info!(addr = %local_addr, "listening for MQTT over mutual TLS");
     if let Some(path) = shared.config.source.clone() {
         let reloader = Reloader {
@@ -190,6 +236,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
     Ok(Handle {
         local_addr,
+        metrics_addr,
         stop,
         task,
         shared,
@@ -199,10 +246,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
 type Restored = (Arc<Store>, Retained, Vec<(SessionId, SessionRecord)>);
 
 /// Opens the store and loads what it holds, before the listener opens.
-async fn open_store(config: &Config) -> Result<Restored, StartError> {
+async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Restored, StartError> {
     let started = std::time::Instant::now();
     let storage = &config.storage;
-    let opened = Store::open(&storage.data_dir, storage.on_corruption).await?;
+    let opened = Store::open(&storage.data_dir, storage.on_corruption, flush_seconds).await?;
     if opened.unreadable_records > 0 {
         warn!(store = %opened.store.path().display(), skipped = opened.unreadable_records,
             "unreadable records skipped");
@@ -284,7 +331,7 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let max = shared.config.listener.max_connections;
-    let permits = Arc::new(Semaphore::new(max));
+    let permits = shared.permits.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -304,7 +351,13 @@ async fn accept_loop(
                 tokio::spawn(connection::handle(tcp, addr, permit, shared.clone()));
             }
             Err(_) => {
-                log_refusal(addr, None, None, &Refusal::TooManyConnections(max));
+                log_refusal(
+                    &shared.metrics,
+                    addr,
+                    None,
+                    None,
+                    &Refusal::TooManyConnections(max),
+                );
                 drop(tcp);
             }
         }

@@ -9,12 +9,13 @@ use crate::codec::{
     Version, Will,
 };
 use crate::registry::{Control, SessionKey};
-use crate::router::Envelope;
+use crate::router::{now_micros, Envelope};
 use crate::server::Shared;
 use crate::store::{SavedSubscription, SessionId, SessionRecord};
 use crate::topic;
 use bytes::Bytes;
 use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::v5::mqttbytes::v5::ConnAckProperties;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{self as rp, Packet as RouterPacket};
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -96,6 +97,15 @@ impl Attachment {
     }
 }
 
+/// This session's share of the gauges, so they can be corrected by difference.
+#[derive(Default)]
+struct Reported {
+    queued: i64,
+    subscriptions: i64,
+    state: Option<Gauge>,
+    state_name: Option<&'static str>,
+}
+
 /// Recently delivered message ids, bounded.
 #[derive(Default)]
 struct RecentIds {
@@ -140,10 +150,14 @@ pub struct Session {
     denials: HashMap<(Action, String), (Option<Instant>, u64)>,
     /// The ACL generation the subscriptions were last checked against.
     acl_generation: u64,
+    /// What this session last added to the shared gauges.
+    reported: Reported,
     /// A retained QoS 1/2 message was stored: flush the store before acknowledging.
     needs_sync: bool,
     dropped: u64,
     conn: Option<Attachment>,
+    /// The latest `$SYS` values.
+    sys: watch::Receiver<Arc<Vec<Message>>>,
 }
 
 /// How a session begins.
@@ -192,7 +206,9 @@ pub async fn run(
             return;
         }
     };
+    let sys = shared.sys.subscribe();
     let mut session = Session {
+        sys,
         id,
         key,
         shared,
@@ -211,6 +227,7 @@ pub async fn run(
         to_router: Vec::new(),
         denials: HashMap::new(),
         acl_generation: 0,
+        reported: Reported::default(),
         needs_sync: false,
         dropped: 0,
         conn: None,
@@ -320,6 +337,11 @@ impl Session {
                         return Exit::Ended;
                     }
                 }
+                changed = self.sys.changed(), if self.has_sys_subscription() => {
+                    if changed.is_ok() {
+                        self.on_sys().await;
+                    }
+                }
                 _ = sleep_until(keep_alive) => {
                     self.disconnect(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", true).await;
                 }
@@ -328,6 +350,7 @@ impl Session {
                     return Exit::Ended;
                 }
             }
+            self.report_gauges(false);
             if self.conn.is_none() && self.expiry_secs == 0 {
                 return Exit::Ended;
             }
@@ -405,6 +428,7 @@ impl Session {
             code: ConnectCode::Accepted,
             properties,
         });
+        self.shared.metrics.connections_total.inc();
         info!(
             identity = %client.identity,
             client_id = %self.key.client_id,
@@ -449,6 +473,7 @@ impl Session {
         }
         self.pump();
         self.flush().await;
+        self.report_gauges(false);
     }
 
     /// Forgets all session state (Clean Start, or a session ended and begun again).
@@ -534,7 +559,40 @@ impl Session {
         }
     }
 
+    /// Brings the shared gauges up to date with this session; `gone` withdraws it.
+    fn report_gauges(&mut self, gone: bool) {
+        let metrics = &self.shared.metrics;
+        let (queued, subscriptions) = if gone {
+            (0, 0)
+        } else {
+            (self.queue.len() as i64, self.subs.len() as i64)
+        };
+        metrics.queued.inc_by(queued - self.reported.queued);
+        metrics
+            .subscriptions
+            .inc_by(subscriptions - self.reported.subscriptions);
+        self.reported.queued = queued;
+        self.reported.subscriptions = subscriptions;
+        let state = match (gone, self.conn.is_some()) {
+            (true, _) => None,
+            (false, true) => Some("online"),
+            (false, false) => Some("offline"),
+        };
+        if state != self.reported.state_name {
+            if let Some(old) = self.reported.state.take() {
+                old.dec();
+            }
+            if let Some(name) = state {
+                let gauge = metrics.session_state(name);
+                gauge.inc();
+                self.reported.state = Some(gauge);
+            }
+            self.reported.state_name = state;
+        }
+    }
+
     async fn teardown(&mut self, exit: Exit) {
+        self.report_gauges(true);
         if exit == Exit::Ended {
             self.expiry_secs = 0;
         }
@@ -553,10 +611,18 @@ impl Session {
     }
 
     fn send(&mut self, packet: Outbound) -> bool {
-        match &mut self.conn {
+        let qos = match &packet {
+            Outbound::Publish { message, .. } => Some(message.qos),
+            _ => None,
+        };
+        let sent = match &mut self.conn {
             Some(c) => c.framed.queue(packet),
             None => false,
+        };
+        if let (true, Some(qos)) = (sent, qos) {
+            self.shared.metrics.sent(qos);
         }
+        sent
     }
 
     fn version(&self) -> Version {
@@ -699,10 +765,13 @@ impl Session {
             });
             return true;
         }
+        self.shared.metrics.received(message.qos);
         let acl = self.shared.acl();
-        if !acl
-            .check_publish(&self.key.identity, &self.key.client_id, &message.topic)
-            .allowed()
+        // `$` topics belong to the broker ($SYS): no client publishes there.
+        if message.topic.starts_with('$')
+            || !acl
+                .check_publish(&self.key.identity, &self.key.client_id, &message.topic)
+                .allowed()
         {
             // Not delivered, not retained. MQTT 5 says so; 3.1.1 acknowledges and
             // drops, as Mosquitto does, since it has no code for it.
@@ -765,6 +834,7 @@ impl Session {
             retain: message.retain,
             origin: self.id,
             id: self.shared.next_id(),
+            received_at: now_micros(),
             properties: message.properties.take(),
         };
         let publish = rp::Publish::new(
@@ -942,6 +1012,32 @@ impl Session {
             error!(topic = %topic, "message without envelope from the router; dropped");
             return;
         };
+        self.offer(topic, payload, envelope);
+    }
+
+    /// New `$SYS` values, for the `$SYS` subscriptions the router does not hold.
+    async fn on_sys(&mut self) {
+        let messages = self.sys.borrow_and_update().clone();
+        for m in messages.iter() {
+            let envelope = Envelope {
+                qos: 0,
+                retain: true,
+                origin: 0,
+                id: self.shared.next_id(),
+                received_at: now_micros(),
+                properties: None,
+            };
+            self.offer(m.topic.clone(), m.payload.clone(), envelope);
+        }
+        self.flush().await;
+    }
+
+    fn has_sys_subscription(&self) -> bool {
+        self.subs.values().any(|s| !s.routed)
+    }
+
+    /// Delivers a message to this session if one of its subscriptions matches.
+    fn offer(&mut self, topic: String, payload: Bytes, envelope: Envelope) {
         let mut granted: Option<u8> = None;
         let mut matching = 0;
         let mut retain_as_published = false;
@@ -962,6 +1058,16 @@ impl Session {
         if matching > 1 && !self.recent.insert(envelope.id) {
             return;
         }
+        let qos = envelope.qos.min(granted);
+        let immediate = self.conn.is_some()
+            && (qos == 0 || (self.queue.is_empty() && self.inflight.len() < self.window()));
+        if immediate {
+            let micros = now_micros().saturating_sub(envelope.received_at);
+            self.shared
+                .metrics
+                .delivery_seconds
+                .observe(micros as f64 / 1e6);
+        }
         let mut properties = envelope.properties;
         if !ids.is_empty() {
             properties
@@ -972,7 +1078,7 @@ impl Session {
             Message {
                 topic,
                 payload,
-                qos: envelope.qos.min(granted),
+                qos,
                 retain: retain_as_published && envelope.retain,
                 properties,
             },
@@ -983,6 +1089,7 @@ impl Session {
     /// Logs a denial at WARN; repeats of the same action and topic are summarised at
     /// most once a minute, with their count.
     fn log_denial(&mut self, action: Action, topic: &str) {
+        self.shared.metrics.denied(action);
         let now = Instant::now();
         if self.denials.len() > DENIAL_KEYS {
             self.denials.clear();
@@ -1065,6 +1172,7 @@ impl Session {
             self.queue.push_back(message);
         } else {
             self.dropped += 1;
+            self.shared.metrics.dropped.inc();
             if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
                 warn!(identity = %self.key.identity, client_id = %self.key.client_id,
                     topic = %message.topic, dropped = self.dropped,

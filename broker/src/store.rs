@@ -4,6 +4,7 @@
 
 use crate::codec::{decode_properties, encode_properties, Message};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -85,7 +86,12 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) `data_dir/retained` and reads every record.
-    pub async fn open(data_dir: &Path, on_corruption: OnCorruption) -> Result<Opened, StoreError> {
+    /// `flush_seconds` records the duration of each group-commit flush.
+    pub async fn open(
+        data_dir: &Path,
+        on_corruption: OnCorruption,
+        flush_seconds: Histogram,
+    ) -> Result<Opened, StoreError> {
         let path = data_dir.join("retained");
         let mut quarantined = None;
         let db = match open_db(&path).await {
@@ -137,7 +143,7 @@ impl Store {
             }
         }
         let (flush_requests, requests) = mpsc::unbounded_channel();
-        let flusher = tokio::spawn(group_commit(db.clone(), requests));
+        let flusher = tokio::spawn(group_commit(db.clone(), requests, flush_seconds));
         Ok(Opened {
             store: Store {
                 path,
@@ -228,6 +234,11 @@ impl Store {
         result
     }
 
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -243,6 +254,7 @@ impl Store {
 async fn group_commit(
     db: sled::Db,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
+    flush_seconds: Histogram,
 ) {
     while let Some(first) = requests.recv().await {
         let mut waiting = vec![first];
@@ -250,7 +262,10 @@ async fn group_commit(
             waiting.push(more);
         }
         let db = db.clone();
-        let result = match tokio::task::spawn_blocking(move || db.flush()).await {
+        let started = std::time::Instant::now();
+        let flushed = tokio::task::spawn_blocking(move || db.flush()).await;
+        flush_seconds.observe(started.elapsed().as_secs_f64());
+        let result = match flushed {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -479,6 +494,10 @@ mod tests {
     use super::*;
     use crate::codec::PublishProperties;
 
+    fn test_histogram() -> Histogram {
+        Histogram::new([1.0])
+    }
+
     fn message(topic: &str, payload: &'static [u8]) -> Message {
         Message {
             topic: topic.into(),
@@ -534,7 +553,9 @@ mod tests {
     async fn put_sync_reopen_delete() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let opened = Store::open(dir.path(), OnCorruption::Fail).await.unwrap();
+            let opened = Store::open(dir.path(), OnCorruption::Fail, test_histogram())
+                .await
+                .unwrap();
             assert!(opened.messages.is_empty());
             opened
                 .store
@@ -551,7 +572,9 @@ mod tests {
             opened.store.sync().await.unwrap();
             opened.store.shutdown().await.unwrap();
         }
-        let opened = Store::open(dir.path(), OnCorruption::Fail).await.unwrap();
+        let opened = Store::open(dir.path(), OnCorruption::Fail, test_histogram())
+            .await
+            .unwrap();
         let topics: Vec<_> = opened
             .messages
             .iter()
@@ -567,13 +590,13 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join("conf"), b"\xde\xad\xbe\xef garbage").unwrap();
         std::fs::write(store.join("db"), vec![0xA5u8; 4096]).unwrap();
-        let err = match Store::open(dir.path(), OnCorruption::Fail).await {
+        let err = match Store::open(dir.path(), OnCorruption::Fail, test_histogram()).await {
             Err(e) => e.to_string(),
             Ok(_) => panic!("garbage opened as a store"),
         };
         assert!(err.contains("retained") && err.contains("damaged"), "{err}");
         // The quarantined store, reopened, is empty and usable.
-        let opened = Store::open(dir.path(), OnCorruption::Quarantine)
+        let opened = Store::open(dir.path(), OnCorruption::Quarantine, test_histogram())
             .await
             .unwrap();
         let aside = opened.quarantined.expect("moved aside");

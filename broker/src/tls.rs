@@ -68,6 +68,19 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Days until the first certificate in `path` expires (negative once expired).
+pub fn days_until_expiry(path: &Path) -> Option<f64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some((not_after - now) as f64 / 86_400.0)
+}
+
 /// The client's identity: the CN of its certificate.
 pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let der = peer_certs?.first()?;

@@ -70,6 +70,7 @@ impl TestPki {
         config.tls.auto_generate = false;
         config.storage.data_dir = self.dir.path().join("data");
         config.log.dir = PathBuf::new();
+        config.metrics.bind = "127.0.0.1:0".into();
         config
     }
 }
@@ -151,8 +152,13 @@ impl TestBroker {
 /// A configuration file for `pki` with `extra` appended.
 pub fn config_text(pki: &TestPki, extra: &str) -> String {
     format!(
-        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = \"ca.crt\"\ncert_file = \"broker.crt\"\nkey_file = \"broker.key\"\nauto_generate = false\n[storage]\ndata_dir = \"{}\"\n[log]\ndir = \"\"\n{extra}",
-        pki.path("data").display()
+        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = \"ca.crt\"\ncert_file = \"broker.crt\"\nkey_file = \"broker.key\"\nauto_generate = false\n[storage]\ndata_dir = \"{}\"\n[log]\ndir = \"\"\n{extra}\n{}",
+        pki.path("data").display(),
+        if extra.contains("[metrics]") {
+            ""
+        } else {
+            "[metrics]\nbind = \"127.0.0.1:0\"\n"
+        }
     )
 }
 

@@ -4,6 +4,7 @@ mod acl;
 mod common;
 mod interop;
 mod messaging;
+mod observability;
 mod persistence;
 mod process;
 mod refusals;

@@ -12,7 +12,7 @@ pub fn write_config(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("broker.toml");
     std::fs::write(
         &path,
-        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nauto_generate = true\n[log]\ndir = \"logs\"\n",
+        "[listener]\nbind = \"127.0.0.1:0\"\n[tls]\nauto_generate = true\n[log]\ndir = \"logs\"\n[metrics]\nbind = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     path
