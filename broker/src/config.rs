@@ -57,7 +57,14 @@ pub struct TlsConfig {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Revoked client certificates (PEM CRL, signed by the CA); none when absent.
+    pub crl_file: Option<PathBuf>,
     pub auto_generate: bool,
+    /// Close live connections whose certificate a reloaded CRL revokes.
+    pub disconnect_revoked: bool,
+    /// Renew the broker's certificate this many days before it expires (when the CA key
+    /// is at hand, as in the development PKI); 0 disables renewal.
+    pub renew_before_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,7 +148,10 @@ impl Default for TlsConfig {
             ca_file: "certs/ca.crt".into(),
             cert_file: "certs/broker.crt".into(),
             key_file: "certs/broker.key".into(),
+            crl_file: None,
             auto_generate: true,
+            disconnect_revoked: true,
+            renew_before_days: 30,
         }
     }
 }
@@ -272,6 +282,13 @@ impl Config {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        if let Some(crl) = &mut self.tls.crl_file {
+            if crl.as_os_str().is_empty() {
+                self.tls.crl_file = None;
+            } else if crl.is_relative() {
+                *crl = base.join(&*crl);
             }
         }
         if !self.log.dir.as_os_str().is_empty() && self.log.dir.is_relative() {

@@ -58,9 +58,14 @@ pub async fn handle(
     metrics
         .handshake_seconds
         .observe(started.elapsed().as_secs_f64());
-    let Some(identity) = tls::identity(tls.get_ref().1.peer_certificates()) else {
+    let peer = tls.get_ref().1.peer_certificates();
+    let Some(identity) = tls::identity(peer) else {
         return log_refusal(metrics, addr, None, None, &Refusal::NoIdentity);
     };
+    let serial = peer
+        .and_then(|certs| certs.first())
+        .map(tls::raw_serial)
+        .unwrap_or_default();
     let (reader, writer) = tokio::io::split(tls);
     let mut framed = Framed::new(reader, writer, listener.max_packet_size);
     framed.count_bytes(metrics.bytes_received.clone(), metrics.bytes_sent.clone());
@@ -146,6 +151,7 @@ pub async fn handle(
         framed,
         info: *info,
         identity,
+        serial,
         addr,
         assigned_id,
         permit,
@@ -173,7 +179,7 @@ async fn handshake(tcp: TcpStream, shared: &Shared) -> Result<TlsStream, Refusal
         Err(e) => return Err(Refusal::HandshakeFailed(e.to_string())),
     }
     shared
-        .acceptor
+        .acceptor()
         .accept(tcp)
         .await
         .map_err(|e| tls::classify(&e))

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pki;
 pub mod refusal;
 pub mod registry;
+pub mod reload;
 pub mod retained;
 pub mod router;
 pub mod server;
@@ -23,4 +24,5 @@ pub mod tls;
 pub mod topic;
 
 pub use config::Config;
-pub use server::{start, Handle, Reloader, StartError};
+pub use reload::Reloader;
+pub use server::{start, Handle, StartError};

@@ -22,10 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the development PKI: CA, broker and client certificates (PEM).
+    /// Create the development PKI (CA, broker, clients), or issue, revoke, inspect.
     Certs {
-        /// Folder for the files.
-        #[arg(long, default_value = "certs")]
+        #[command(subcommand)]
+        action: Option<CertsAction>,
+        /// Folder of the PKI files.
+        #[arg(long, default_value = "certs", global = true)]
         dir: PathBuf,
         /// Extra subject alternative name for the broker certificate (repeatable).
         #[arg(long = "san", value_name = "NAME")]
@@ -42,6 +44,21 @@ enum Command {
         #[command(subcommand)]
         command: AclCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Issue (or re-issue) a client certificate with CN=NAME, signed by the CA.
+    Issue {
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Revoke certificate NAME: adds it to crl.pem (created if absent), signed by the CA.
+    Revoke { name: String },
+    /// Every certificate: CN, serial, expiry, revocation, and the broker's SANs.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +84,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Certs {
+            action: Some(action),
+            dir,
+            ..
+        }) => certs_action(&dir, action),
+        Some(Command::Certs {
+            action: None,
             dir,
             sans,
             clients,
@@ -145,6 +168,73 @@ fn acl_check(
     Ok(())
 }
 
+fn certs_action(dir: &std::path::Path, action: CertsAction) -> anyhow::Result<()> {
+    let layout = pki::Layout::in_dir(dir);
+    match action {
+        CertsAction::Issue { name, days } => {
+            let path = pki::issue_client(&layout, &name, days)?;
+            println!(
+                "wrote {} (+ .key), CN={name}, valid {days} days",
+                path.display()
+            );
+        }
+        CertsAction::Revoke { name } => {
+            let revoked = pki::revoke(&layout, &name)?;
+            let what = if revoked.newly {
+                "revoked"
+            } else {
+                "already revoked"
+            };
+            println!(
+                "{what}: {name} (serial {}); CRL {} re-signed. Set [tls] crl_file to it; a running broker reloads it.",
+                revoked.serial,
+                revoked.crl.display()
+            );
+        }
+        CertsAction::Status => {
+            let revoked = pki::revoked_serials(&pki::crl_path(&layout))?;
+            println!(
+                "{:<22} {:<26} {:<42} {:<12} {:>9}  REVOKED",
+                "FILE", "CN", "SERIAL", "NOT AFTER", "DAYS LEFT"
+            );
+            for c in pki::status(&layout)? {
+                let file = c
+                    .path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<22} {:<26} {:<42} {:<12} {:>9}  {}",
+                    file,
+                    c.common_name,
+                    c.serial,
+                    c.not_after.date(),
+                    c.days_left(),
+                    if revoked.contains(&c.raw_serial) {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                );
+            }
+            let wanted = pki::server_sans(&[]);
+            match pki::read_cert(&layout.server_cert) {
+                Ok(server) => {
+                    let missing: Vec<_> =
+                        wanted.iter().filter(|s| !server.sans.contains(s)).collect();
+                    if missing.is_empty() {
+                        println!("broker certificate covers {}", wanted.join(", "));
+                    } else {
+                        println!("broker certificate does NOT cover {missing:?}: run `broker certs --force` or issue one with those SANs");
+                    }
+                }
+                Err(e) => println!("broker certificate: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let _guard = logging::init(&config.log)?;
@@ -164,8 +254,8 @@ async fn reload_on_sighup(reloader: broker::Reloader) {
         return;
     };
     while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the ACL");
-        reloader.reload_acl();
+        tracing::info!("SIGHUP: reloading the ACL and the TLS material");
+        reloader.reload_all();
     }
 }
 

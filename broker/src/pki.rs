@@ -34,6 +34,10 @@ pub enum PkiError {
     CaKeyMissing { cert: PathBuf, key: PathBuf },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("`{0}` is not a usable certificate name: use letters, digits, '.', '_' and '-'")]
+    BadName(String),
+    #[error("no certificate {0}: issue it first with `broker certs issue NAME`")]
+    NoSuchCertificate(PathBuf),
 }
 
 /// A certificate authority able to sign leaf certificates.
@@ -311,6 +315,232 @@ pub fn server_sans(extra: &[String]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     sans.retain(|s| seen.insert(s.clone()));
     sans
+}
+
+/// A certificate on disk, as `broker certs status` shows it.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub path: PathBuf,
+    pub common_name: String,
+    /// Serial number, hex.
+    pub serial: String,
+    pub raw_serial: Vec<u8>,
+    pub not_after: OffsetDateTime,
+    pub sans: Vec<String>,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    pub fn days_left(&self) -> i64 {
+        (self.not_after - OffsetDateTime::now_utc()).whole_days()
+    }
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn read_cert(path: &Path) -> Result<CertInfo, PkiError> {
+    let pem = fs::read(path).map_err(|cause| PkiError::Read {
+        path: path.into(),
+        cause,
+    })?;
+    let parse = |reason: String| PkiError::Parse {
+        path: path.into(),
+        reason,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| parse(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| parse(e.to_string()))?;
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => ip_text(ip),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+        .map_err(|e| parse(e.to_string()))?;
+    Ok(CertInfo {
+        path: path.into(),
+        common_name,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        raw_serial: cert.raw_serial().to_vec(),
+        not_after,
+        sans,
+        is_ca: cert.is_ca(),
+    })
+}
+
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadName(name.into()))
+    }
+}
+
+/// Issues (or re-issues) the client certificate `name`, signed by the CA.
+pub fn issue_client(layout: &Layout, name: &str, days: i64) -> Result<PathBuf, PkiError> {
+    check_name(name)?;
+    let ca = Authority::load(&layout.ca_cert, &layout.ca_key)?;
+    let issued = ca.issue(&LeafSpec::client(name, days))?;
+    let cert = layout.client_cert(name);
+    write_pair(
+        &cert,
+        &issued.cert_pem,
+        &layout.client_key(name),
+        &issued.key_pem,
+    )?;
+    Ok(cert)
+}
+
+/// The CRL beside the CA certificate.
+pub fn crl_path(layout: &Layout) -> PathBuf {
+    layout.client_dir.join("crl.pem")
+}
+
+/// The serial numbers a CRL file revokes; none when the file does not exist.
+pub fn revoked_serials(crl: &Path) -> Result<Vec<Vec<u8>>, PkiError> {
+    if !crl.exists() {
+        return Ok(Vec::new());
+    }
+    let pem = fs::read(crl).map_err(|cause| PkiError::Read {
+        path: crl.into(),
+        cause,
+    })?;
+    let parse = |reason: String| PkiError::Parse {
+        path: crl.into(),
+        reason,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| parse(e.to_string()))?;
+    let (_, list) = x509_parser::parse_x509_crl(&pem.contents).map_err(|e| parse(e.to_string()))?;
+    Ok(list
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect())
+}
+
+/// What `revoke` did.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub serial: String,
+    pub crl: PathBuf,
+    /// False when it was already in the CRL.
+    pub newly: bool,
+}
+
+/// Adds certificate `name` to the CRL (created if absent), signed by the CA.
+pub fn revoke(layout: &Layout, name: &str) -> Result<Revoked, PkiError> {
+    check_name(name)?;
+    let cert_path = layout.client_cert(name);
+    if !cert_path.is_file() {
+        return Err(PkiError::NoSuchCertificate(cert_path));
+    }
+    let info = read_cert(&cert_path)?;
+    let crl = crl_path(layout);
+    let mut serials = revoked_serials(&crl)?;
+    let newly = !serials.contains(&info.raw_serial);
+    if newly {
+        serials.push(info.raw_serial.clone());
+    }
+    write_crl(layout, &serials)?;
+    Ok(Revoked {
+        serial: info.serial,
+        crl,
+        newly,
+    })
+}
+
+/// Signs a CRL revoking `serials`, valid for 30 days, and writes it beside the CA.
+pub fn write_crl(layout: &Layout, serials: &[Vec<u8>]) -> Result<PathBuf, PkiError> {
+    let ca = Authority::load(&layout.ca_cert, &layout.ca_key)?;
+    let now = OffsetDateTime::now_utc();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(30),
+        crl_number: rcgen::SerialNumber::from(now.unix_timestamp().max(1) as u64),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let list = params.signed_by(&ca.cert, &ca.key)?;
+    let path = crl_path(layout);
+    write_file(&path, &list.pem()?, 0o644)?;
+    Ok(path)
+}
+
+/// Every certificate of the PKI folder, CA and broker first.
+pub fn status(layout: &Layout) -> Result<Vec<CertInfo>, PkiError> {
+    let mut paths = vec![layout.ca_cert.clone(), layout.server_cert.clone()];
+    let mut clients: Vec<PathBuf> = fs::read_dir(&layout.client_dir)
+        .map_err(|cause| PkiError::Read {
+            path: layout.client_dir.clone(),
+            cause,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "crt") && !paths.contains(p))
+        .collect();
+    clients.sort();
+    paths.extend(clients);
+    paths
+        .iter()
+        .filter(|p| p.is_file())
+        .map(|p| read_cert(p))
+        .collect()
+}
+
+/// Issues a new server certificate for the broker, keeping the SANs of the current
+/// one and adding the default ones.
+pub fn renew_server(layout: &Layout) -> Result<(), PkiError> {
+    let ca = Authority::load(&layout.ca_cert, &layout.ca_key)?;
+    let mut sans = server_sans(&[]);
+    if let Ok(current) = read_cert(&layout.server_cert) {
+        for s in current.sans {
+            if !sans.contains(&s) {
+                sans.push(s);
+            }
+        }
+    }
+    let issued = ca.issue(&LeafSpec::server("broker", sans, LEAF_DAYS))?;
+    write_pair(
+        &layout.server_cert,
+        &issued.cert_pem,
+        &layout.server_key,
+        &issued.key_pem,
+    )
 }
 
 fn hostname() -> Option<String> {

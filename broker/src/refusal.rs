@@ -14,7 +14,8 @@ pub enum Refusal {
     UnknownCa,
     Expired,
     NotYetValid,
-    Revoked,
+    /// The CN and serial, when known.
+    Revoked(String),
     BadCertificate(String),
     NoIdentity,
     /// The client ended the handshake, usually because it does not trust our certificate.
@@ -42,7 +43,7 @@ impl Refusal {
             Self::UnknownCa => "unknown_ca",
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
-            Self::Revoked => "revoked",
+            Self::Revoked(_) => "revoked",
             Self::BadCertificate(_) | Self::NoIdentity => "bad_certificate",
             Self::ClientAborted(_) | Self::HandshakeFailed(_) => "handshake_failed",
             Self::ConnectTimeout => "connect_timeout",
@@ -69,7 +70,7 @@ impl fmt::Display for Refusal {
             Self::UnknownCa => write!(f, "unknown CA: client certificate not signed by ca_file"),
             Self::Expired => write!(f, "expired certificate"),
             Self::NotYetValid => write!(f, "certificate not yet valid"),
-            Self::Revoked => write!(f, "revoked certificate"),
+            Self::Revoked(who) => write!(f, "revoked certificate {who}"),
             Self::BadCertificate(why) => write!(f, "bad client certificate: {why}"),
             Self::NoIdentity => write!(f, "client certificate has no CN to use as identity"),
             Self::ClientAborted(alert) => write!(

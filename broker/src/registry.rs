@@ -2,7 +2,8 @@
 //! certificate can never reach another identity's session, whatever client id it sends.
 
 use crate::session::Client;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
 use tokio::sync::{mpsc, Notify};
 
@@ -18,6 +19,8 @@ pub enum Control {
     Attach(Box<Client>),
     /// The broker is stopping.
     Shutdown,
+    /// A reloaded CRL revokes these serials: close the connection if it uses one.
+    Revoked(Arc<HashSet<Vec<u8>>>),
 }
 
 struct Entry {
@@ -99,8 +102,13 @@ impl Registry {
 
     /// Tells every session to stop.
     pub fn shutdown_all(&self) {
+        self.broadcast(|| Control::Shutdown);
+    }
+
+    /// Sends a message to every session.
+    pub fn broadcast(&self, message: impl Fn() -> Control) {
         for entry in self.lock().values() {
-            let _ = entry.tx.send(Control::Shutdown);
+            let _ = entry.tx.send(message());
         }
     }
 

@@ -9,14 +9,14 @@ use crate::pki;
 use crate::refusal::Refusal;
 use crate::registry::Registry;
 use crate::registry::SessionKey;
+use crate::reload::{self, Reloader};
 use crate::retained::Retained;
 use crate::router::Router;
 use crate::session::{self, Start};
 use crate::store::{SessionId, SessionRecord, Store};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, TlsError, TlsMaterial};
 use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -56,7 +56,7 @@ pub enum StartError {
 /// State every connection and session shares.
 pub struct Shared {
     pub config: Config,
-    pub acceptor: TlsAcceptor,
+    tls: RwLock<Arc<TlsMaterial>>,
     pub router: Router,
     pub retained: Retained,
     pub store: Arc<Store>,
@@ -93,6 +93,19 @@ impl Shared {
         }
     }
 
+    /// The acceptor for new handshakes (replaced on reload).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .acceptor
+            .clone()
+    }
+
+    pub fn set_tls(&self, material: TlsMaterial) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(material);
+    }
+
     pub fn acl(&self) -> Arc<Acl> {
         self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -101,7 +114,7 @@ impl Shared {
         self.acl_generation.load(Ordering::Acquire)
     }
 
-    fn set_acl(&self, acl: Acl) {
+    pub fn set_acl(&self, acl: Acl) {
         *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
         self.acl_generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -114,36 +127,6 @@ pub struct Handle {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     shared: Arc<Shared>,
-}
-
-/// Re-reads the ACL from the configuration file (SIGHUP, file change).
-#[derive(Clone)]
-pub struct Reloader {
-    shared: Arc<Shared>,
-}
-
-impl Reloader {
-    /// Loads the configuration file again and swaps in its ACL; an invalid file keeps
-    /// the rules in force and says why.
-    pub fn reload_acl(&self) {
-        let Some(path) = self.shared.config.source.clone() else {
-            warn!("ACL reload asked, but the configuration did not come from a file");
-            return;
-        };
-        match Config::load(&path).map(|c| Acl::new(c.acl)) {
-            Ok(Ok(acl)) => {
-                let rules = acl.rules().len();
-                self.shared.set_acl(acl);
-                info!(file = %path.display(), rules, "ACL reloaded");
-            }
-            Ok(Err(e)) => {
-                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
-            }
-            Err(e) => {
-                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
-            }
-        }
-    }
 }
 
 impl Handle {
@@ -159,9 +142,7 @@ impl Handle {
 
     /// Something that reloads the ACL, for signal handlers and watchers.
     pub fn reloader(&self) -> Reloader {
-        Reloader {
-            shared: self.shared.clone(),
-        }
+        Reloader::new(self.shared.clone())
     }
 
     /// Stops accepting, closes every session, and returns when they are closed.
@@ -184,8 +165,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     if tls_conf.auto_generate {
         ensure_development_pki(&config)?;
     }
-    let server_config =
-        tls::server_config(&tls_conf.ca_file, &tls_conf.cert_file, &tls_conf.key_file)?;
+    reload::renew_if_due(tls_conf);
+    let tls_material = tls::load(tls_conf)?;
     let acl = Acl::new(config.acl.clone()).map_err(StartError::Acl)?;
     if acl.is_open() {
         warn!("no [[acl]] rules: every identity with a valid certificate may publish and subscribe anywhere");
@@ -203,7 +184,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // Persistent sessions keep their link while offline: room for them too.
     let router = Router::spawn(config.listener.max_connections.saturating_mul(2).max(64));
     let shared = Arc::new(Shared {
-        acceptor: TlsAcceptor::from(server_config),
+        tls: RwLock::new(Arc::new(tls_material)),
         router,
         retained,
         store,
@@ -227,12 +208,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tokio::spawn(crate::sys::publish_loop(shared.clone(), stopped.clone()));
     }
     info!(addr = %local_addr, "listening for MQTT over mutual TLS");
-    if let Some(path) = shared.config.source.clone() {
-        let reloader = Reloader {
-            shared: shared.clone(),
-        };
-        tokio::spawn(watch_config(path, reloader, stopped.clone()));
-    }
+    reload::check_expiry(&shared.config.tls);
+    tokio::spawn(reload::watch(
+        Reloader::new(shared.clone()),
+        stopped.clone(),
+    ));
     let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
     Ok(Handle {
         local_addr,
@@ -302,27 +282,6 @@ fn ensure_development_pki(config: &Config) -> Result<(), StartError> {
         layout.client_dir.display()
     );
     Ok(())
-}
-
-/// How often the configuration file's modification time is checked.
-const CONFIG_POLL: Duration = Duration::from_secs(1);
-
-/// Reloads the ACL when the configuration file changes on disk.
-async fn watch_config(path: PathBuf, reloader: Reloader, mut stopped: watch::Receiver<bool>) {
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = modified(&path);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(CONFIG_POLL) => {}
-            _ = stopped.changed() => return,
-        }
-        let now = modified(&path);
-        if now != last {
-            last = now;
-            info!(file = %path.display(), "configuration file changed");
-            reloader.reload_acl();
-        }
-    }
 }
 
 async fn accept_loop(

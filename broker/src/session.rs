@@ -53,6 +53,8 @@ pub struct Client {
     pub framed: Conn,
     pub info: ConnectInfo,
     pub identity: String,
+    /// The client certificate's serial, to act on revocation.
+    pub serial: Vec<u8>,
     pub addr: SocketAddr,
     /// The broker chose the client id (the client sent an empty one).
     pub assigned_id: bool,
@@ -79,6 +81,7 @@ struct Inflight {
 struct Attachment {
     framed: Conn,
     identity: String,
+    serial: Vec<u8>,
     client_id: String,
     addr: SocketAddr,
     version: Version,
@@ -236,22 +239,27 @@ pub async fn run(
         Start::Client(client) => session.attach(client, true).await,
         Start::Restored(record) => session.restore(record).await,
     }
-    let exit = loop {
+    let exit = 'serving: loop {
         if session.serve().await == Exit::Shutdown {
             break Exit::Shutdown;
         }
-        let next = session
-            .shared
-            .registry
-            .finish(&session.key, session.id, &mut session.ctrl);
-        match next {
-            // A client arrived just as the session ended: it starts afresh.
-            Some(Control::Attach(client)) => {
-                session.reset();
-                session.attach(client, true).await;
+        loop {
+            let next = session
+                .shared
+                .registry
+                .finish(&session.key, session.id, &mut session.ctrl);
+            match next {
+                // A client arrived just as the session ended: it starts afresh.
+                Some(Control::Attach(client)) => {
+                    session.reset();
+                    session.attach(client, true).await;
+                    continue 'serving;
+                }
+                Some(Control::Shutdown) => break 'serving Exit::Shutdown,
+                // Nothing to close: ask again.
+                Some(Control::Revoked(_)) => continue,
+                None => break 'serving Exit::Ended,
             }
-            Some(Control::Shutdown) => break Exit::Shutdown,
-            None => break Exit::Ended,
         }
     };
     session.teardown(exit).await;
@@ -324,6 +332,7 @@ impl Session {
             tokio::select! {
                 control = self.ctrl.recv() => match control {
                     Some(Control::Attach(client)) => self.attach(client, false).await,
+                    Some(Control::Revoked(serials)) => self.close_if_revoked(&serials).await,
                     Some(Control::Shutdown) | None => {
                         self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
                         self.drain_link().await;
@@ -355,6 +364,25 @@ impl Session {
                 return Exit::Ended;
             }
         }
+    }
+
+    /// Closes the connection if its certificate is among `serials`.
+    async fn close_if_revoked(&mut self, serials: &HashSet<Vec<u8>>) {
+        let Some(c) = &self.conn else {
+            return;
+        };
+        if !serials.contains(&c.serial) {
+            return;
+        }
+        let serial: String = c.serial.iter().map(|b| format!("{b:02x}")).collect();
+        warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
+            serial = %serial, reason = "revoked certificate",
+            "connection closed: its certificate was revoked");
+        self.shared
+            .metrics
+            .refused(&crate::refusal::Refusal::Revoked(serial));
+        self.close(Some(reason::NOT_AUTHORIZED), "certificate revoked", true)
+            .await;
     }
 
     /// At shutdown: takes in what the router still holds for this session (messages
@@ -442,6 +470,7 @@ impl Session {
         self.conn = Some(Attachment {
             framed,
             identity: client.identity,
+            serial: client.serial,
             client_id: self.key.client_id.clone(),
             addr: client.addr,
             version: info.version,

@@ -71,6 +71,7 @@ impl TestPki {
         config.storage.data_dir = self.dir.path().join("data");
         config.log.dir = PathBuf::new();
         config.metrics.bind = "127.0.0.1:0".into();
+        config.tls.crl_file = Some(self.dir.path().join("crl.pem"));
         config
     }
 }
@@ -297,6 +298,13 @@ impl TestClient {
             Packet::PubAck(a) if a.pkid == pkid => {}
             other => panic!("expected PUBACK {pkid}, got {other:?}"),
         }
+    }
+
+    /// The serial of the certificate the broker presented.
+    pub fn server_serial(&self) -> Vec<u8> {
+        let certs = self.stream.get_ref().1.peer_certificates().unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
+        cert.raw_serial().to_vec()
     }
 
     pub async fn connect(&mut self, client_id: &str, clean: bool, keep_alive: u16) -> v4::ConnAck {

@@ -3,6 +3,7 @@
 mod acl;
 mod common;
 mod interop;
+mod lifecycle;
 mod messaging;
 mod observability;
 mod persistence;

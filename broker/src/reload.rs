@@ -1,0 +1,185 @@
+//! What changes while the broker runs: the ACL and the TLS material (CA, certificate,
+//! key, CRL), reloaded on SIGHUP and when their files change; certificate expiry
+//! warnings; renewal of the broker's own certificate when the CA key is at hand.
+
+use crate::acl::Acl;
+use crate::config::{Config, TlsConfig};
+use crate::pki;
+use crate::registry::Control;
+use crate::server::Shared;
+use crate::tls;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// How often watched files are checked for changes.
+const POLL: Duration = Duration::from_secs(1);
+/// How often expiry is checked (and the broker's certificate renewed when due).
+const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 3600);
+/// Certificates expiring within this many days are reported at WARN.
+const EXPIRY_WARNING_DAYS: f64 = 30.0;
+
+/// Reloads the ACL and the TLS material of a running broker.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Everything a SIGHUP reloads.
+    pub fn reload_all(&self) {
+        self.reload_acl();
+        self.reload_tls();
+    }
+
+    /// Loads the configuration file again and swaps in its ACL; an invalid file keeps
+    /// the rules in force and says why.
+    pub fn reload_acl(&self) {
+        let Some(path) = self.shared.config.source.clone() else {
+            return;
+        };
+        match Config::load(&path).map(|c| Acl::new(c.acl)) {
+            Ok(Ok(acl)) => {
+                let rules = acl.rules().len();
+                self.shared.set_acl(acl);
+                info!(file = %path.display(), rules, "ACL reloaded");
+            }
+            Ok(Err(e)) => {
+                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
+            }
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
+            }
+        }
+    }
+
+    /// Loads the TLS files again for new handshakes; live connections stay up, except
+    /// those whose certificate the CRL now revokes. Invalid material is refused and the
+    /// old stays in force.
+    pub fn reload_tls(&self) {
+        let config = &self.shared.config.tls;
+        match tls::load(config) {
+            Ok(material) => {
+                let revoked = Arc::new(material.revoked.clone());
+                self.shared.set_tls(material);
+                let serial = pki::read_cert(&config.cert_file)
+                    .map(|c| c.serial)
+                    .unwrap_or_default();
+                info!(cert = %config.cert_file.display(), serial = %serial, revoked = revoked.len(),
+                    "TLS material reloaded: used for new handshakes");
+                if config.disconnect_revoked && !revoked.is_empty() {
+                    self.shared
+                        .registry
+                        .broadcast(|| Control::Revoked(revoked.clone()));
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "TLS reload failed; the previous certificates stay in force")
+            }
+        }
+    }
+}
+
+/// Watches the configuration file (ACL) and the TLS files until `stopped` changes;
+/// checks expiry daily.
+pub async fn watch(reloader: Reloader, mut stopped: watch::Receiver<bool>) {
+    let config = reloader.shared.config.clone();
+    let tls_files: Vec<PathBuf> = [
+        Some(config.tls.ca_file.clone()),
+        Some(config.tls.cert_file.clone()),
+        Some(config.tls.key_file.clone()),
+        config.tls.crl_file.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let stamps = |files: &[PathBuf]| -> Vec<Option<SystemTime>> {
+        files
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    };
+    let config_file: Vec<PathBuf> = config.source.iter().cloned().collect();
+    let mut last_config = stamps(&config_file);
+    let mut last_tls = stamps(&tls_files);
+    let mut next_expiry_check = tokio::time::Instant::now() + EXPIRY_CHECK;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stopped.changed() => return,
+        }
+        let now_config = stamps(&config_file);
+        if now_config != last_config {
+            last_config = now_config;
+            info!("configuration file changed");
+            reloader.reload_acl();
+        }
+        if tokio::time::Instant::now() >= next_expiry_check {
+            next_expiry_check += EXPIRY_CHECK;
+            check_expiry(&config.tls);
+            // A renewed certificate is picked up by the file check below.
+            renew_if_due(&config.tls);
+        }
+        let now_tls = stamps(&tls_files);
+        if now_tls != last_tls {
+            last_tls = now_tls;
+            info!("TLS files changed");
+            reloader.reload_tls();
+        }
+    }
+}
+
+/// WARN for every loaded certificate (and the CRL's next update) due within 30 days.
+pub fn check_expiry(config: &TlsConfig) {
+    for path in [&config.ca_file, &config.cert_file] {
+        if let Some(days) = tls::days_until_expiry(path) {
+            if days < EXPIRY_WARNING_DAYS {
+                warn!(file = %path.display(), days_left = days.floor() as i64,
+                    "certificate expires soon: renew it");
+            }
+        }
+    }
+    if let Some(crl) = &config.crl_file {
+        if let Some(days) = tls::crl_days_until_next_update(crl) {
+            if days < EXPIRY_WARNING_DAYS {
+                warn!(file = %crl.display(), days_left = days.floor() as i64,
+                    "CRL next update is due soon: re-sign it (broker certs revoke re-signs)");
+            }
+        }
+    }
+}
+
+/// Renews the broker's certificate `renew_before_days` before it expires, when the CA
+/// key sits beside the CA certificate (the development PKI). True when renewed.
+pub fn renew_if_due(config: &TlsConfig) -> bool {
+    if config.renew_before_days == 0 {
+        return false;
+    }
+    let layout = pki::Layout::for_broker(&config.ca_file, &config.cert_file, &config.key_file);
+    if !layout.ca_key.is_file() {
+        return false;
+    }
+    let Some(days) = tls::days_until_expiry(&config.cert_file) else {
+        return false;
+    };
+    if days >= f64::from(config.renew_before_days) {
+        return false;
+    }
+    match pki::renew_server(&layout) {
+        Ok(()) => {
+            warn!(cert = %config.cert_file.display(), days_left = days.floor() as i64,
+                "broker certificate was close to expiry: renewed with the CA key");
+            true
+        }
+        Err(e) => {
+            error!(cert = %config.cert_file.display(), error = %e, "broker certificate renewal failed");
+            false
+        }
+    }
+}
