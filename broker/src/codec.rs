@@ -54,6 +54,8 @@ pub struct ConnectInfo {
     pub receive_maximum: u16,
     pub max_packet_size: Option<u32>,
     pub topic_alias_max: u16,
+    /// MQTT 5 Request Response Information.
+    pub request_response_info: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -504,6 +506,7 @@ fn connect_from_v4(c: v4::Connect) -> ConnectInfo {
         receive_maximum: u16::MAX,
         max_packet_size: None,
         topic_alias_max: 0,
+        request_response_info: false,
     }
 }
 
@@ -552,6 +555,7 @@ fn connect_from_v5(c: v5::Connect, will: Option<v5::LastWill>) -> Result<Connect
         receive_maximum: props.receive_maximum.unwrap_or(u16::MAX).max(1),
         max_packet_size: props.max_packet_size,
         topic_alias_max: props.topic_alias_max.unwrap_or(0),
+        request_response_info: props.request_response_info == Some(1),
     })
 }
 

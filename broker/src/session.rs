@@ -23,7 +23,7 @@ use rumqttd::Notification;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
@@ -70,6 +70,39 @@ struct Subscription {
     routed: bool,
 }
 
+/// A message waiting in the queue, with the moment its MQTT 5 expiry runs out.
+struct Queued {
+    message: Message,
+    expires_at: Option<SystemTime>,
+}
+
+impl Queued {
+    fn new(message: Message) -> Self {
+        let expires_at = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| SystemTime::now() + Duration::from_secs(secs.into()));
+        Self {
+            message,
+            expires_at,
+        }
+    }
+
+    /// The message with its expiry interval lowered by the time it waited; None once
+    /// expired (MQTT 5 §3.3.2.3.3: an expired message is not delivered).
+    fn take(self) -> Option<Message> {
+        let mut message = self.message;
+        if let Some(deadline) = self.expires_at {
+            let left = deadline.duration_since(SystemTime::now()).ok()?;
+            if let Some(p) = message.properties.as_mut() {
+                p.message_expiry_interval = Some((left.as_secs() as u32).max(1));
+            }
+        }
+        Some(message)
+    }
+}
+
 struct Inflight {
     message: Message,
     seq: u64,
@@ -90,10 +123,37 @@ struct Attachment {
     will: Option<Will>,
     receive_max: u16,
     aliases_in: HashMap<u16, String>,
+    /// Topic aliases we set towards the client (MQTT 5), up to its Topic Alias Maximum.
+    aliases_out: HashMap<String, u16>,
+    alias_max_out: u16,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Attachment {
+    /// Replaces a repeated topic by its alias, or gives a new topic an alias while the
+    /// client allows more (MQTT 5 §3.3.2.3.4).
+    fn alias_outgoing(&mut self, message: &mut Message) {
+        if self.alias_max_out == 0 {
+            return;
+        }
+        let alias = match self.aliases_out.get(&message.topic) {
+            Some(&alias) => {
+                message.topic.clear();
+                alias
+            }
+            None if self.aliases_out.len() < usize::from(self.alias_max_out) => {
+                let alias = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(message.topic.clone(), alias);
+                alias
+            }
+            None => return,
+        };
+        message
+            .properties
+            .get_or_insert_with(Default::default)
+            .topic_alias = Some(alias);
+    }
+
     fn deadline(&self) -> Option<Instant> {
         // MQTT allows one and a half keep-alive periods of silence.
         self.keep_alive.map(|ka| self.last_seen + ka * 3 / 2)
@@ -141,7 +201,7 @@ pub struct Session {
     link_rx: LinkRx,
     subs: HashMap<String, Subscription>,
     inflight: HashMap<u16, Inflight>,
-    queue: VecDeque<Message>,
+    queue: VecDeque<Queued>,
     next_pkid: u16,
     seq: u64,
     qos2_in: HashSet<u16>,
@@ -161,6 +221,8 @@ pub struct Session {
     conn: Option<Attachment>,
     /// The latest `$SYS` values.
     sys: watch::Receiver<Arc<Vec<Message>>>,
+    /// A will waiting for its Will Delay Interval (MQTT 5).
+    pending_will: Option<(Instant, Will)>,
 }
 
 /// How a session begins.
@@ -212,6 +274,7 @@ pub async fn run(
     let sys = shared.sys.subscribe();
     let mut session = Session {
         sys,
+        pending_will: None,
         id,
         key,
         shared,
@@ -351,6 +414,11 @@ impl Session {
                         self.on_sys().await;
                     }
                 }
+                _ = sleep_until(self.pending_will.as_ref().map(|(at, _)| *at)) => {
+                    if let Some((_, will)) = self.pending_will.take() {
+                        self.publish_will(will).await;
+                    }
+                }
                 _ = sleep_until(keep_alive) => {
                     self.disconnect(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout", true).await;
                 }
@@ -415,6 +483,8 @@ impl Session {
         if info.clean_start && !is_new {
             self.reset();
         }
+        // A client back before its Will Delay ran out: no will (MQTT 5 §3.1.3.2.2).
+        self.pending_will = None;
         let session_present = !is_new && !info.clean_start;
         let was_saved = self.expiry_secs > 0;
         self.expiry_secs = info.session_expiry;
@@ -446,7 +516,9 @@ impl Session {
             subscription_identifiers_available: None,
             shared_subscription_available: None,
             server_keep_alive,
-            response_information: None,
+            response_information: info
+                .request_response_info
+                .then(|| format!("response/{}/{}", client.identity, self.key.client_id)),
             server_reference: None,
             authentication_method: None,
             authentication_data: None,
@@ -479,6 +551,12 @@ impl Session {
             will: info.will,
             receive_max: info.receive_maximum,
             aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            alias_max_out: if info.version == Version::V5 {
+                info.topic_alias_max
+            } else {
+                0
+            },
             _permit: client.permit,
         });
 
@@ -539,7 +617,7 @@ impl Session {
             };
             self.subs.insert(s.filter, sub);
         }
-        self.queue = record.queued.into();
+        self.queue = record.queued.into_iter().map(Queued::new).collect();
         self.expiry_secs = record.expiry_secs;
         if self.expiry_secs != u32::MAX {
             self.expires_at = Some(Instant::now() + Duration::from_secs(self.expiry_secs.into()));
@@ -563,7 +641,13 @@ impl Session {
                     self.inflight.values().filter(|m| !m.released).collect();
                 inflight.sort_unstable_by_key(|m| m.seq);
                 queued.extend(inflight.into_iter().map(|m| m.message.clone()));
-                queued.extend(self.queue.iter().cloned());
+                queued.extend(self.queue.iter().filter_map(|q| {
+                    Queued {
+                        message: q.message.clone(),
+                        expires_at: q.expires_at,
+                    }
+                    .take()
+                }));
             }
             let record = SessionRecord {
                 expiry_secs: self.expiry_secs,
@@ -622,6 +706,10 @@ impl Session {
 
     async fn teardown(&mut self, exit: Exit) {
         self.report_gauges(true);
+        // The session ends before the Will Delay: the will goes now.
+        if let (Exit::Ended, Some((_, will))) = (exit, self.pending_will.take()) {
+            self.publish_will(will).await;
+        }
         if exit == Exit::Ended {
             self.expiry_secs = 0;
         }
@@ -639,11 +727,14 @@ impl Session {
         }
     }
 
-    fn send(&mut self, packet: Outbound) -> bool {
+    fn send(&mut self, mut packet: Outbound) -> bool {
         let qos = match &packet {
             Outbound::Publish { message, .. } => Some(message.qos),
             _ => None,
         };
+        if let (Outbound::Publish { message, .. }, Some(c)) = (&mut packet, self.conn.as_mut()) {
+            c.alias_outgoing(message);
+        }
         let sent = match &mut self.conn {
             Some(c) => c.framed.queue(packet),
             None => false,
@@ -822,6 +913,10 @@ impl Session {
                 _ => {}
             }
             return true;
+        }
+        if let Some(p) = message.properties.as_mut() {
+            // Only the broker sets these, per subscriber.
+            p.subscription_identifiers.clear();
         }
         let qos = message.qos;
         if !self.route(message) {
@@ -1098,6 +1193,16 @@ impl Session {
                 .observe(micros as f64 / 1e6);
         }
         let mut properties = envelope.properties;
+        if let Some(p) = properties.as_mut() {
+            if let Some(interval) = p.message_expiry_interval {
+                // Lowered by the time it waited; an expired message is not delivered.
+                let waited = now_micros().saturating_sub(envelope.received_at) / 1_000_000;
+                if waited >= u64::from(interval) {
+                    return;
+                }
+                p.message_expiry_interval = Some(interval - waited as u32);
+            }
+        }
         if !ids.is_empty() {
             properties
                 .get_or_insert_with(Default::default)
@@ -1198,7 +1303,7 @@ impl Session {
         if self.conn.is_some() && self.queue.is_empty() && self.inflight.len() < self.window() {
             self.send_tracked(message);
         } else if force || self.queue.len() < self.shared.config.session.max_queued {
-            self.queue.push_back(message);
+            self.queue.push_back(Queued::new(message));
         } else {
             self.dropped += 1;
             self.shared.metrics.dropped.inc();
@@ -1247,7 +1352,11 @@ impl Session {
     fn pump(&mut self) {
         while self.conn.is_some() && self.inflight.len() < self.window() {
             match self.queue.pop_front() {
-                Some(message) => self.send_tracked(message),
+                Some(queued) => {
+                    if let Some(message) = queued.take() {
+                        self.send_tracked(message);
+                    }
+                }
                 None => break,
             }
         }
@@ -1284,6 +1393,12 @@ impl Session {
         }
     }
 
+    async fn publish_will(&mut self, will: Will) {
+        self.route(will.message);
+        self.needs_sync = false;
+        self.flush_router().await;
+    }
+
     /// The client broke the protocol: tell it why (MQTT 5), log, close, publish the will.
     async fn violation(&mut self, code: u8, why: &str) {
         if let Some(c) = &self.conn {
@@ -1316,9 +1431,15 @@ impl Session {
             reason = %why, "client disconnected");
         if with_will {
             if let Some(will) = conn.will.take() {
-                self.route(will.message);
-                self.needs_sync = false;
-                self.flush_router().await;
+                if will.delay_secs > 0 && self.expiry_secs > 0 {
+                    // MQTT 5 Will Delay: sent when the delay or the session ends,
+                    // whichever comes first; a reconnection cancels it.
+                    let delay = will.delay_secs.min(self.expiry_secs);
+                    let at = Instant::now() + Duration::from_secs(delay.into());
+                    self.pending_will = Some((at, will));
+                } else {
+                    self.publish_will(will).await;
+                }
             }
         }
         if self.expiry_secs != 0 && self.expiry_secs != u32::MAX {
