@@ -380,6 +380,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
     /// Encodes a packet into the write buffer. A PUBLISH larger than the client's
     /// Maximum Packet Size is not sent, and `false` is returned.
     pub fn queue(&mut self, packet: Outbound) -> bool {
+        if let (Outbound::Disconnect { reason }, Version::V5) = (&packet, self.version) {
+            // rumqttc writes a reason code without properties as a bare normal
+            // disconnection; written by hand: reason code, empty properties.
+            self.wbuf.extend_from_slice(&[0xE0, 0x02, *reason, 0x00]);
+            return true;
+        }
         match self.version {
             Version::V311 => match outbound_to_v4(packet) {
                 Some(p) => p.write(&mut self.wbuf, usize::MAX).is_ok(),

@@ -171,7 +171,7 @@ pub fn shipped_acl() -> Vec<broker::acl::AclRule> {
 
 /// A minimal MQTT 3.1.1 client that shows exactly what the broker sends.
 pub struct TestClient {
-    stream: TlsStream<TcpStream>,
+    pub stream: TlsStream<TcpStream>,
     buf: BytesMut,
     pub local: SocketAddr,
     next_pkid: u16,
@@ -397,6 +397,159 @@ impl TestClient {
             other => panic!("expected nothing but PINGRESP, got {other:?}"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// An MQTT 5 client, as raw as the 3.1.1 one.
+
+pub use rumqttc::v5::mqttbytes::v5 as m5;
+pub use rumqttc::v5::mqttbytes::QoS as Q5;
+
+pub struct V5Client {
+    stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+    next_pkid: u16,
+}
+
+impl V5Client {
+    pub async fn tls(broker: &TestBroker, name: &str) -> Self {
+        let c = broker.tls(Some(&broker.pki.client(name))).await.unwrap();
+        Self {
+            stream: c.stream,
+            buf: BytesMut::new(),
+            next_pkid: 0,
+        }
+    }
+
+    /// Connects with `name`'s certificate; `tweak` adjusts the CONNECT.
+    pub async fn connect(
+        broker: &TestBroker,
+        name: &str,
+        client_id: &str,
+        tweak: impl FnOnce(&mut m5::Connect, &mut Option<m5::LastWill>),
+    ) -> (Self, m5::ConnAck) {
+        let mut c = Self::tls(broker, name).await;
+        let mut connect = m5::Connect {
+            keep_alive: 30,
+            client_id: client_id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        let mut will = None;
+        tweak(&mut connect, &mut will);
+        c.send(m5::Packet::Connect(connect, will, None)).await;
+        match c.recv().await {
+            m5::Packet::ConnAck(ack) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, packet: m5::Packet) {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, None).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    pub async fn try_recv(&mut self) -> Option<m5::Packet> {
+        loop {
+            // rumqttc refuses a DISCONNECT without a body, which MQTT 5 allows.
+            if self.buf.len() >= 2 && self.buf[0] == 0xE0 && self.buf[1] == 0 {
+                let _ = self.buf.split_to(2);
+                return Some(m5::Packet::Disconnect(m5::Disconnect::new(
+                    m5::DisconnectReasonCode::NormalDisconnection,
+                )));
+            }
+            match m5::Packet::read(&mut self.buf, None) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("broker sent a malformed packet: {e}"),
+            }
+            match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => panic!("nothing from the broker within {WAIT:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> m5::Packet {
+        self.try_recv()
+            .await
+            .expect("connection closed by the broker")
+    }
+
+    pub fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid % 60000 + 1;
+        self.next_pkid
+    }
+
+    pub async fn subscribe(
+        &mut self,
+        filter: m5::Filter,
+        id: Option<usize>,
+    ) -> Vec<m5::SubscribeReasonCode> {
+        let properties = id.map(|id| m5::SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        });
+        let mut sub = m5::Subscribe::new(filter, properties);
+        sub.pkid = self.pkid();
+        self.send(m5::Packet::Subscribe(sub)).await;
+        match self.recv().await {
+            m5::Packet::SubAck(ack) => ack.return_codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes at `qos` and returns the PUBACK/PUBREC (None at QoS 0).
+    pub async fn publish(&mut self, mut publish: m5::Publish) -> Option<m5::Packet> {
+        if publish.qos != Q5::AtMostOnce {
+            publish.pkid = self.pkid();
+        }
+        let qos = publish.qos;
+        self.send(m5::Packet::Publish(publish)).await;
+        match qos {
+            Q5::AtMostOnce => None,
+            _ => Some(self.recv().await),
+        }
+    }
+
+    /// The next PUBLISH, acknowledged at QoS 1.
+    pub async fn next_publish(&mut self) -> m5::Publish {
+        loop {
+            match self.recv().await {
+                m5::Packet::Publish(p) => {
+                    if p.qos == Q5::AtLeastOnce {
+                        self.send(m5::Packet::PubAck(m5::PubAck::new(p.pkid, None)))
+                            .await;
+                    }
+                    return p;
+                }
+                m5::Packet::PingResp(_) => continue,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    /// Proves nothing else is pending: a PINGREQ is answered before any PUBLISH.
+    pub async fn expect_no_publish(&mut self) {
+        self.send(m5::Packet::PingReq(m5::PingReq)).await;
+        match self.recv().await {
+            m5::Packet::PingResp(_) => {}
+            other => panic!("expected nothing but PINGRESP, got {other:?}"),
+        }
+    }
+
+    pub async fn disconnect(mut self, reason: m5::DisconnectReasonCode) {
+        self.send(m5::Packet::Disconnect(m5::Disconnect::new(reason)))
+            .await;
+        while self.try_recv().await.is_some() {}
+    }
+}
+
+pub fn publish5(topic: &str, payload: &str, qos: Q5) -> m5::Publish {
+    m5::Publish::new(topic, qos, payload.to_string(), None)
 }
 
 // ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 mod acl;
 mod common;
+mod conformance;
 mod interop;
 mod lifecycle;
 mod messaging;
