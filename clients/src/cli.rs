@@ -25,15 +25,11 @@ pub fn init_logging(to_stderr: bool) {
     };
 }
 
-/// Completes on the first Ctrl-C (or SIGTERM). A second Ctrl-C exits immediately.
+/// Completes on Ctrl-C (or SIGTERM). Shutdown is bounded (the publisher waits at most
+/// its drain timeout for acknowledgements), so no second signal is needed.
 pub async fn shutdown_signal() {
     wait_for_signal().await;
-    tracing::info!("stopping (press Ctrl-C again to exit immediately)");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!("interrupted again, exiting now");
-        std::process::exit(130);
-    });
+    tracing::info!("stopping");
 }
 
 async fn wait_for_signal() {
