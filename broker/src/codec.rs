@@ -773,35 +773,28 @@ fn outbound_to_v5(packet: Outbound) -> v5::Packet {
     }
 }
 
-fn puback_reason(code: u8) -> v5::PubAckReason {
-    use v5::PubAckReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        0x83 => R::ImplementationSpecificError,
-        _ => R::UnspecifiedError,
-    }
+/// PUBACK and PUBREC share their reason codes, in two rumqttc types.
+macro_rules! ack_reason {
+    ($name:ident, $ty:ty) => {
+        fn $name(code: u8) -> $ty {
+            use $ty as R;
+            match code {
+                0x00 => R::Success,
+                0x10 => R::NoMatchingSubscribers,
+                0x87 => R::NotAuthorized,
+                0x90 => R::TopicNameInvalid,
+                0x91 => R::PacketIdentifierInUse,
+                0x97 => R::QuotaExceeded,
+                0x99 => R::PayloadFormatInvalid,
+                0x83 => R::ImplementationSpecificError,
+                _ => R::UnspecifiedError,
+            }
+        }
+    };
 }
 
-fn pubrec_reason(code: u8) -> v5::PubRecReason {
-    use v5::PubRecReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        0x83 => R::ImplementationSpecificError,
-        _ => R::UnspecifiedError,
-    }
-}
+ack_reason!(puback_reason, v5::PubAckReason);
+ack_reason!(pubrec_reason, v5::PubRecReason);
 
 fn suback_reason(code: u8) -> v5::SubscribeReasonCode {
     use v5::SubscribeReasonCode as R;

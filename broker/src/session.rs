@@ -358,6 +358,16 @@ fn router_subscribe(filter: &str) -> RouterPacket {
     )
 }
 
+fn router_unsubscribe(filter: String) -> RouterPacket {
+    RouterPacket::Unsubscribe(
+        rp::Unsubscribe {
+            pkid: 0,
+            filters: vec![filter],
+        },
+        None,
+    )
+}
+
 async fn refuse_unavailable(client: Box<Client>) {
     let mut client = *client;
     client.framed.queue(Outbound::ConnAck {
@@ -587,13 +597,7 @@ impl Session {
     fn reset(&mut self) {
         for (filter, sub) in self.subs.drain() {
             if sub.routed {
-                self.to_router.push(RouterPacket::Unsubscribe(
-                    rp::Unsubscribe {
-                        pkid: 0,
-                        filters: vec![filter],
-                    },
-                    None,
-                ));
+                self.to_router.push(router_unsubscribe(filter));
             }
         }
         self.inflight.clear();
@@ -1074,13 +1078,7 @@ impl Session {
             match self.subs.remove(&filter) {
                 Some(sub) => {
                     if sub.routed {
-                        self.to_router.push(RouterPacket::Unsubscribe(
-                            rp::Unsubscribe {
-                                pkid: 0,
-                                filters: vec![filter],
-                            },
-                            None,
-                        ));
+                        self.to_router.push(router_unsubscribe(filter));
                     }
                     codes.push(reason::SUCCESS);
                 }
@@ -1271,13 +1269,7 @@ impl Session {
             self.log_denial(Action::Subscribe, &filter);
             if let Some(sub) = self.subs.remove(&filter) {
                 if sub.routed {
-                    self.to_router.push(RouterPacket::Unsubscribe(
-                        rp::Unsubscribe {
-                            pkid: 0,
-                            filters: vec![filter],
-                        },
-                        None,
-                    ));
+                    self.to_router.push(router_unsubscribe(filter));
                 }
             }
         }

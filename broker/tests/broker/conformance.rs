@@ -131,6 +131,8 @@ async fn mqtt_3_1_3_8_zero_length_client_id() {
         c.connect("", false, 30).await.code,
         v4::ConnectReturnCode::BadClientId
     );
+    c.expect_closed().await;
+    wait_for_log(&["connection refused", "bad CONNECT", &c.local.to_string()]).await;
 
     let (_, ack) = V5Client::connect(&broker, "publisher", "", |_, _| {}).await;
     assert_eq!(ack.code, m5::ConnectReturnCode::Success);

@@ -220,29 +220,6 @@ async fn keep_alive_zero_is_accepted() {
 }
 
 #[tokio::test]
-async fn empty_client_id_gets_one_assigned_or_is_refused_without_clean_session() {
-    let broker = TestBroker::start().await;
-    let mut c = broker
-        .tls(Some(&broker.pki.client("publisher")))
-        .await
-        .unwrap();
-    assert_eq!(
-        c.connect("", true, 30).await.code,
-        v4::ConnectReturnCode::Success
-    );
-
-    let mut c = broker
-        .tls(Some(&broker.pki.client("publisher")))
-        .await
-        .unwrap();
-    let ack = c.connect("", false, 30).await;
-    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
-    c.expect_closed().await;
-    wait_for_log(&["connection refused", "bad CONNECT", &c.local.to_string()]).await;
-    broker.shutdown().await;
-}
-
-#[tokio::test]
 async fn persistent_session_keeps_qos1_messages_while_offline_and_redelivers() {
     let broker = TestBroker::start().await;
     let mut sub = broker
