@@ -1,0 +1,182 @@
+//! `bench`: a load generator for our MQTT broker and Mosquitto, over mutual TLS to
+//! 127.0.0.1. Each scenario starts its own broker, runs for a bounded time and prints one
+//! JSON line; `bench all` runs them all, interleaved, and writes docs/BENCHMARKS.md.
+//! It is a benchmark, not a test: nothing here runs in CI except the unit tests.
+
+mod client;
+mod codec;
+mod orchestrate;
+mod payload;
+mod pki;
+mod report;
+mod scenarios;
+mod stats;
+mod target;
+
+use clap::{Parser, Subcommand};
+use scenarios::connections::ConnArgs;
+use scenarios::durable::DurableArgs;
+use scenarios::flow_args::{FanoutArgs, LatencyArgs};
+use scenarios::retained::RetainedArgs;
+use scenarios::slowloris::SlowlorisArgs;
+use scenarios::throughput::FlowArgs;
+use scenarios::Common;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load generator: our broker against Mosquitto over mutual TLS on 127.0.0.1",
+    after_help = "Examples:\n  bench throughput --target ours --qos 1 --rate 20000\n  bench throughput --target mosquitto --sweep\n  bench connections --count 10000 --rate 1000\n  bench all --reps 3 --write docs/BENCHMARKS.md\n  bench all --quick --only latency"
+)]
+struct Cli {
+    /// Tokio worker threads of the load generator.
+    #[arg(long, global = true, default_value_t = 2)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N publishers on articulos/p<i>/futbol, M subscribers on articulos/+/futbol.
+    Throughput {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: FlowArgs,
+    },
+    /// One publisher, many subscribers.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: FanoutArgs,
+    },
+    /// One publisher, one subscriber, a steady rate.
+    Latency {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: LatencyArgs,
+    },
+    /// Many idle mutual-TLS connections offered at a fixed rate.
+    Connections {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: ConnArgs,
+    },
+    /// Many retained topics, then a new subscriber to articulos/#.
+    Retained {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: RetainedArgs,
+    },
+    /// Silent TCP sockets, then a normal client's connect time.
+    Slowloris {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: SlowlorisArgs,
+    },
+    /// Retained QoS 1 with durable acknowledgement; restart time with a large store.
+    DurableRetained {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: DurableArgs,
+    },
+    /// Cost of the MQTT codec per packet (encode, decode), as JSON.
+    Codec {
+        #[arg(long, default_value_t = 300)]
+        payload: usize,
+        #[arg(long, default_value_t = 500_000)]
+        iterations: u32,
+    },
+    /// Every scenario against ours and Mosquitto, interleaved, repeated; writes the report.
+    All(orchestrate::AllArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    raise_fd_limit();
+    if let Cmd::All(args) = &cli.command {
+        return match orchestrate::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(scenario(cli.command)) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn scenario(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
+    use scenarios::{connections, durable, retained, slowloris, throughput};
+    let out = match cmd {
+        Cmd::Throughput { common, args } => throughput::run("throughput", &common, &args).await?,
+        Cmd::Fanout { common, args } => throughput::run("fanout", &common, &(&args).into()).await?,
+        Cmd::Latency { common, args } => {
+            throughput::run("latency", &common, &(&args).into()).await?
+        }
+        Cmd::Connections { common, args } => connections::run(&common, &args).await?,
+        Cmd::Retained { common, args } => retained::run(&common, &args).await?,
+        Cmd::Slowloris { common, args } => slowloris::run(&common, &args).await?,
+        Cmd::DurableRetained { common, args } => durable::run(&common, &args).await?,
+        Cmd::Codec {
+            payload,
+            iterations,
+        } => {
+            let c = codec::measure(payload, iterations);
+            return Ok(serde_json::json!({
+                "scenario": "codec",
+                "payload": payload,
+                "encode_ns": scenarios::round(c.encode_ns, 1),
+                "decode_ns": scenarios::round(c.decode_ns, 1),
+            }));
+        }
+        Cmd::All(_) => anyhow::bail!("`all` is not a single scenario"),
+    };
+    Ok(out.into_json())
+}
+
+/// Raises the soft limit of open files to the hard limit (10,000 connections need as many
+/// descriptors here and in the broker, which inherits the limit).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                eprintln!("bench: could not raise the open-file limit");
+            }
+        }
+    }
+}
