@@ -6,7 +6,10 @@ use prometheus_client::metrics::counter::Counter;
 use rumqttc::mqttbytes::{self as v4b, v4};
 use rumqttc::v5::mqttbytes::{self as v5b, v5};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
 
 pub use v5::PublishProperties;
 
@@ -221,10 +224,48 @@ pub enum FirstPacket {
     NotConnect(String),
 }
 
+/// The writing half, in a task of its own: a client that reads slowly never stalls
+/// its session, which keeps draining the router meanwhile.
+struct Writer {
+    tx: mpsc::UnboundedSender<Option<Bytes>>,
+    /// Bytes handed to the task and not yet written.
+    pending: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl Writer {
+    fn spawn<W: AsyncWrite + Unpin + Send + 'static>(mut writer: W) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Option<Bytes>>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let drained = Arc::new(Notify::new());
+        let (left, wake) = (pending.clone(), drained.clone());
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let Some(data) = item else {
+                    let _ = writer.shutdown().await;
+                    break;
+                };
+                let written = writer.write_all(&data).await.is_ok() && writer.flush().await.is_ok();
+                left.fetch_sub(data.len(), Ordering::AcqRel);
+                wake.notify_waiters();
+                if !written {
+                    // The receiver goes with this task: the session's next send fails.
+                    break;
+                }
+            }
+        });
+        Self {
+            tx,
+            pending,
+            drained,
+        }
+    }
+}
+
 /// Reads packets from a byte stream and writes packets to another, for one version.
-pub struct Framed<R, W> {
+pub struct Framed<R> {
     reader: R,
-    writer: W,
+    writer: Writer,
     rbuf: BytesMut,
     wbuf: BytesMut,
     pub version: Version,
@@ -235,11 +276,15 @@ pub struct Framed<R, W> {
     counters: Option<(Counter, Counter)>,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
-    pub fn new(reader: R, writer: W, max_in: usize) -> Self {
+impl<R: AsyncRead + Unpin> Framed<R> {
+    pub fn new<W: AsyncWrite + Unpin + Send + 'static>(
+        reader: R,
+        writer: W,
+        max_in: usize,
+    ) -> Self {
         Self {
             reader,
-            writer,
+            writer: Writer::spawn(writer),
             rbuf: BytesMut::with_capacity(4096),
             wbuf: BytesMut::with_capacity(4096),
             version: Version::V311,
@@ -406,21 +451,43 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Framed<R, W> {
         !self.wbuf.is_empty()
     }
 
-    /// Writes everything queued.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.writer.write_all(&self.wbuf).await?;
-            if let Some((_, written)) = &self.counters {
-                written.inc_by(self.wbuf.len() as u64);
-            }
-            self.wbuf.clear();
+    /// Hands everything queued to the writer task; fails once the socket is broken.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
-        self.writer.flush().await
+        let data = self.wbuf.split().freeze();
+        let len = data.len();
+        self.writer.pending.fetch_add(len, Ordering::AcqRel);
+        if let Some((_, written)) = &self.counters {
+            written.inc_by(len as u64);
+        }
+        self.writer
+            .tx
+            .send(Some(data))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))
     }
 
-    pub async fn shutdown(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.writer.shutdown().await;
+    /// Bytes handed to the writer and not yet on the socket.
+    pub fn unwritten(&self) -> usize {
+        self.writer.pending.load(Ordering::Acquire)
+    }
+
+    /// Returns once fewer than `limit` bytes wait to be written.
+    pub async fn drained_below(&self, limit: usize) {
+        loop {
+            let drained = self.writer.drained.notified();
+            if self.unwritten() < limit {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Writes what is queued, then closes the connection (in the writer task).
+    pub fn shutdown(&mut self) {
+        let _ = self.flush();
+        let _ = self.writer.tx.send(None);
     }
 }
 

@@ -93,7 +93,7 @@ pub async fn handle(
                 code: ConnectCode::UnsupportedProtocol,
                 properties: None,
             });
-            framed.shutdown().await;
+            framed.shutdown();
             return refuse(Refusal::UnsupportedProtocol(level));
         }
         FirstPacket::Connect(info) => info,
@@ -139,7 +139,7 @@ pub async fn handle(
             code,
             properties: None,
         });
-        framed.shutdown().await;
+        framed.shutdown();
         return log_refusal(metrics, addr, Some(&identity), Some(&info.client_id), &why);
     }
 

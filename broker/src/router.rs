@@ -28,7 +28,7 @@ impl Router {
             max_outgoing_packet_count: 200,
             // Sessions drain their link promptly, so small logs per filter suffice
             // and memory per filter stays bounded.
-            max_segment_size: 1 << 20,
+            max_segment_size: 4 << 20,
             max_segment_count: 4,
             ..RouterConfig::default()
         };

@@ -24,14 +24,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
-pub type Conn = Framed<ReadHalf<TlsStream>, WriteHalf<TlsStream>>;
+pub type Conn = Framed<ReadHalf<TlsStream>>;
 
 /// Topic aliases a client may set (MQTT 5).
 const TOPIC_ALIAS_MAX: u16 = 64;
@@ -41,6 +41,10 @@ const BATCH: usize = 256;
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
 /// ...or after this long in all.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// Unwritten bytes beyond which QoS 0 messages for a client are dropped (and counted).
+const QOS0_BACKLOG: usize = 1 << 20;
+/// Unwritten bytes beyond which a client's socket is not read until it drains.
+const READ_PAUSE: usize = 4 << 20;
 /// Repeated denials of one action on one topic are logged once per this period.
 const DENIAL_SUMMARY: Duration = Duration::from_secs(60);
 /// Distinct denials remembered per session for that summary.
@@ -375,12 +379,19 @@ async fn refuse_unavailable(client: Box<Client>) {
         code: ConnectCode::ServerUnavailable,
         properties: None,
     });
-    client.framed.shutdown().await;
+    client.framed.shutdown();
 }
 
-async fn read_attached(conn: &mut Option<Attachment>) -> Result<Inbound, ReadError> {
+/// The next packet from the attached client; None when its socket was congested and
+/// has drained. A client that does not read what we write is not read from either, so
+/// its acknowledgements cannot pile up without bound.
+async fn read_attached(conn: &mut Option<Attachment>) -> Option<Result<Inbound, ReadError>> {
     match conn {
-        Some(c) => c.framed.read().await,
+        Some(c) if c.framed.unwritten() >= READ_PAUSE => {
+            c.framed.drained_below(READ_PAUSE / 2).await;
+            None
+        }
+        Some(c) => Some(c.framed.read().await),
         None => std::future::pending().await,
     }
 }
@@ -412,7 +423,11 @@ impl Session {
                         return Exit::Shutdown;
                     }
                 },
-                read = read_attached(&mut self.conn) => self.on_read(read).await,
+                read = read_attached(&mut self.conn) => {
+                    if let Some(read) = read {
+                        self.on_read(read).await;
+                    }
+                }
                 note = self.link_rx.next() => {
                     if !self.on_link(note).await {
                         self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
@@ -756,7 +771,7 @@ impl Session {
     async fn on_read(&mut self, read: Result<Inbound, ReadError>) {
         self.recheck_subscriptions();
         let mut next = read;
-        for _ in 0..BATCH {
+        for i in 1..=BATCH {
             match next {
                 Ok(packet) => {
                     if !self.on_packet(packet).await {
@@ -767,6 +782,10 @@ impl Session {
                     self.on_read_error(e).await;
                     return;
                 }
+            }
+            if i == BATCH {
+                // The rest stays buffered for the next turn of the loop.
+                break;
             }
             next = match self.conn.as_mut().map(|c| c.framed.try_read()) {
                 Some(Ok(Some(packet))) => Ok(packet),
@@ -1097,7 +1116,7 @@ impl Session {
         self.recheck_subscriptions();
         let mut wake = false;
         let mut next = first;
-        for _ in 0..BATCH {
+        for i in 1..=BATCH {
             match next {
                 Ok(Some(Notification::Forward(forward))) => self.on_forward(forward.publish),
                 Ok(Some(Notification::Unschedule)) => wake = true,
@@ -1110,6 +1129,10 @@ impl Session {
                     error!(client_id = %self.key.client_id, error = %e, "router link failed");
                     return false;
                 }
+            }
+            if i == BATCH {
+                // The rest stays in the link for the next turn of the loop.
+                break;
             }
             next = match self.link_rx.next().now_or_never() {
                 Some(n) => n,
@@ -1284,7 +1307,15 @@ impl Session {
     /// messages on subscribe, bounded by the retained store itself).
     fn deliver(&mut self, message: Message, force: bool) {
         if message.qos == 0 {
-            // QoS 0 is not kept for offline clients.
+            // QoS 0 is not kept for offline clients, nor piled up for slow readers.
+            let backlog = self.conn.as_ref().map_or(0, |c| c.framed.unwritten());
+            if !force && backlog > QOS0_BACKLOG {
+                self.drop_message(
+                    &message.topic,
+                    "client reads too slowly: QoS 0 message dropped",
+                );
+                return;
+            }
             self.send(Outbound::Publish {
                 message,
                 pkid: 0,
@@ -1297,14 +1328,20 @@ impl Session {
         } else if force || self.queue.len() < self.shared.config.session.max_queued {
             self.queue.push_back(Queued::new(message));
         } else {
-            self.dropped += 1;
-            self.shared.metrics.dropped.inc();
-            if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
-                warn!(identity = %self.key.identity, client_id = %self.key.client_id,
-                    topic = %message.topic, dropped = self.dropped,
-                    max_queued = self.shared.config.session.max_queued,
-                    "session queue full: message dropped");
-            }
+            self.drop_message(
+                &message.topic,
+                "session queue full (max_queued): message dropped",
+            );
+        }
+    }
+
+    /// Counts a dropped message; logs the first and every thousandth.
+    fn drop_message(&mut self, topic: &str, why: &str) {
+        self.dropped += 1;
+        self.shared.metrics.dropped.inc();
+        if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
+            warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                topic = %topic, dropped = self.dropped, "{why}");
         }
     }
 
@@ -1379,7 +1416,7 @@ impl Session {
             return;
         };
         if conn.framed.has_pending_writes() {
-            if let Err(e) = conn.framed.flush().await {
+            if let Err(e) = conn.framed.flush() {
                 self.drop_connection(&format!("write failed: {e}")).await;
             }
         }
@@ -1418,7 +1455,7 @@ impl Session {
         if let (Some(reason), Version::V5) = (code, conn.version) {
             conn.framed.queue(Outbound::Disconnect { reason });
         }
-        conn.framed.shutdown().await;
+        conn.framed.shutdown();
         info!(identity = %conn.identity, client_id = %conn.client_id, addr = %conn.addr,
             reason = %why, "client disconnected");
         if with_will {

@@ -379,3 +379,60 @@ async fn persistent_session_and_its_queue_survive_a_broker_restart() {
     sub.expect_no_publish().await;
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_stalls_nobody_and_its_qos0_drops_are_counted() {
+    let broker = TestBroker::start().await;
+    let mut slow = broker.client("subscriber", "never-reads").await;
+    slow.subscribe("slow/#", QoS::AtMostOnce).await;
+    let mut fast = broker.client("observer", "reads").await;
+    fast.subscribe("fast/#", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "flood").await;
+    // 24 MB for a client that reads nothing: more than the socket buffers hold.
+    let payload = vec![b'x'; 1024];
+    for _ in 0..24_000 {
+        publ.send(Packet::Publish(v4::Publish::new(
+            "slow/x",
+            QoS::AtMostOnce,
+            payload.clone(),
+        )))
+        .await;
+    }
+    publ.publish("fast/x", b"not stalled", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&fast.next_publish().await.payload[..], b"not stalled");
+    wait_for_log(&[
+        "client reads too slowly: QoS 0 message dropped",
+        "client_id=never-reads",
+    ])
+    .await;
+    drop(slow);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn pipelined_packets_beyond_one_batch_are_all_handled() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "counts").await;
+    sub.subscribe("b/t", QoS::AtMostOnce).await;
+    let mut publ = broker.client("publisher", "pipeline").await;
+    // Thousands of tiny packets in one write: many more than one batch per read.
+    const N: usize = 3000;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..N {
+        let p = v4::Publish::new("b/t", QoS::AtMostOnce, vec![(i % 251) as u8]);
+        Packet::Publish(p).write(&mut bytes, usize::MAX).unwrap();
+    }
+    publ.send_raw(&bytes).await;
+    publ.publish("b/t", b"fence", QoS::AtLeastOnce, false).await;
+    let mut received = 0;
+    loop {
+        let p = sub.next_publish().await;
+        if &p.payload[..] == b"fence" {
+            break;
+        }
+        received += 1;
+    }
+    assert_eq!(received, N, "packets lost between batches");
+    broker.shutdown().await;
+}
