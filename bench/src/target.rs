@@ -327,7 +327,8 @@ fn parse_cpu_secs(stat: &str, ticks: f64) -> Option<f64> {
 /// What a broker's log says about trouble.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LogCounts {
-    /// Our sessions' "message dropped" lines: the largest `dropped=N` per client id, summed.
+    /// Our sessions' drop lines ("message dropped", "router overflow", the summary at the
+    /// session's end): the largest `dropped=N` per client id, summed.
     pub dropped: u64,
     /// rumqttd's "Read cursor start jumped from (s, a) to (t, b)" lines: a subscriber's
     /// cursor skipping b - a messages of a filter's log that were overwritten.
@@ -352,7 +353,12 @@ pub fn log_counts(log: &str) -> LogCounts {
             c.cursor_jumps += 1;
             c.cursor_skipped += skipped;
         }
-        if !line.contains("message dropped") {
+        // Our sessions' drop lines carry the session's running total (`dropped=N`):
+        // queue overflow, slow readers, and router overflow noticed by the session.
+        if !(line.contains("message dropped")
+            || line.contains("router overflow")
+            || line.contains("messages dropped in all"))
+        {
             continue;
         }
         let field = |name: &str| {

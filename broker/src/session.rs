@@ -45,6 +45,8 @@ const DRAIN_MAX: Duration = Duration::from_secs(2);
 const QOS0_BACKLOG: usize = 1 << 20;
 /// Unwritten bytes beyond which a client's socket is not read until it drains.
 const READ_PAUSE: usize = 4 << 20;
+/// Router overflow is logged at most this often per session, with the count since.
+const OVERFLOW_LOG: Duration = Duration::from_secs(1);
 /// Repeated denials of one action on one topic are logged once per this period.
 const DENIAL_SUMMARY: Duration = Duration::from_secs(60);
 /// Distinct denials remembered per session for that summary.
@@ -227,6 +229,10 @@ pub struct Session {
     sys: watch::Receiver<Arc<Vec<Message>>>,
     /// A will waiting for its Will Delay Interval (MQTT 5).
     pending_will: Option<(Instant, Will)>,
+    /// The last router log offset seen per subscription, to notice what it skipped.
+    router_offsets: HashMap<String, u64>,
+    /// Router overflow: when last logged, and messages skipped since.
+    overflow: (Option<Instant>, u64),
 }
 
 /// How a session begins.
@@ -279,6 +285,8 @@ pub async fn run(
     let mut session = Session {
         sys,
         pending_will: None,
+        router_offsets: HashMap::new(),
+        overflow: (None, 0),
         id,
         key,
         shared,
@@ -360,6 +368,14 @@ fn router_subscribe(filter: &str) -> RouterPacket {
         },
         None,
     )
+}
+
+/// Messages skipped between two offsets of one router log, if any.
+fn router_gap(last: Option<u64>, offset: u64) -> Option<u64> {
+    match last {
+        Some(last) if offset > last + 1 => Some(offset - last - 1),
+        _ => None,
+    }
 }
 
 fn router_unsubscribe(filter: String) -> RouterPacket {
@@ -610,6 +626,7 @@ impl Session {
 
     /// Forgets all session state (Clean Start, or a session ended and begun again).
     fn reset(&mut self) {
+        self.router_offsets.clear();
         for (filter, sub) in self.subs.drain() {
             if sub.routed {
                 self.to_router.push(router_unsubscribe(filter));
@@ -725,6 +742,11 @@ impl Session {
 
     async fn teardown(&mut self, exit: Exit) {
         self.report_gauges(true);
+        if self.dropped > 0 {
+            // The per-event lines are rate-limited; this one has the final count.
+            warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                dropped = self.dropped, "session ended: messages dropped in all");
+        }
         // The session ends before the Will Delay: the will goes now.
         if let (Exit::Ended, Some((_, will))) = (exit, self.pending_will.take()) {
             self.publish_will(will).await;
@@ -1094,6 +1116,7 @@ impl Session {
     fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
         let mut codes = Vec::with_capacity(filters.len());
         for filter in filters {
+            self.router_offsets.remove(&filter);
             match self.subs.remove(&filter) {
                 Some(sub) => {
                     if sub.routed {
@@ -1118,7 +1141,9 @@ impl Session {
         let mut next = first;
         for i in 1..=BATCH {
             match next {
-                Ok(Some(Notification::Forward(forward))) => self.on_forward(forward.publish),
+                Ok(Some(Notification::Forward(forward))) => {
+                    self.on_forward(forward.publish, forward.cursor)
+                }
                 Ok(Some(Notification::Unschedule)) => wake = true,
                 Ok(Some(Notification::Disconnect(..))) => {
                     error!(client_id = %self.key.client_id, "router disconnected the session link");
@@ -1149,15 +1174,54 @@ impl Session {
         true
     }
 
-    fn on_forward(&mut self, publish: rp::Publish) {
+    fn on_forward(&mut self, publish: rp::Publish, cursor: Option<(u64, u64)>) {
         let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
             return;
         };
+        if let Some((_, offset)) = cursor {
+            self.check_router_gap(&topic, offset);
+        }
         let Some((envelope, payload)) = Envelope::unwrap(publish.payload) else {
             error!(topic = %topic, "message without envelope from the router; dropped");
             return;
         };
         self.offer(topic, payload, envelope);
+    }
+
+    /// The router numbers each filter's messages; a gap means it recycled messages this
+    /// session had not read yet. Counted and logged, so no loss goes unseen. Only for a
+    /// topic that one plain subscription matches (a shared group's members see each
+    /// other's messages as gaps; overlapping filters cannot be told apart).
+    fn check_router_gap(&mut self, topic: &str, offset: u64) {
+        let mut matching = self
+            .subs
+            .iter()
+            .filter(|(f, s)| s.routed && topic::matches(f, topic));
+        let (Some((filter, _)), None) = (matching.next(), matching.next()) else {
+            return;
+        };
+        if topic::split_shared(filter).is_some() {
+            return;
+        }
+        let last = self.router_offsets.insert(filter.clone(), offset);
+        let Some(skipped) = router_gap(last, offset) else {
+            return;
+        };
+        self.dropped += skipped;
+        self.shared.metrics.dropped.inc_by(skipped);
+        self.overflow.1 += skipped;
+        let now = Instant::now();
+        if self
+            .overflow
+            .0
+            .is_none_or(|last| now.duration_since(last) >= OVERFLOW_LOG)
+        {
+            let skipped = std::mem::take(&mut self.overflow.1);
+            self.overflow.0 = Some(now);
+            warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                filter = %filter, skipped, dropped = self.dropped,
+                "router overflow: messages for this session were overwritten before it read them");
+        }
     }
 
     /// New `$SYS` values, for the `$SYS` subscriptions the router does not hold.
@@ -1290,6 +1354,7 @@ impl Session {
             .collect();
         for filter in revoked {
             self.log_denial(Action::Subscribe, &filter);
+            self.router_offsets.remove(&filter);
             if let Some(sub) = self.subs.remove(&filter) {
                 if sub.routed {
                     self.to_router.push(router_unsubscribe(filter));
@@ -1474,5 +1539,30 @@ impl Session {
         if self.expiry_secs != 0 && self.expiry_secs != u32::MAX {
             self.expires_at = Some(Instant::now() + Duration::from_secs(self.expiry_secs.into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_gaps() {
+        assert_eq!(router_gap(None, 7), None);
+        assert_eq!(router_gap(Some(6), 7), None);
+        assert_eq!(router_gap(Some(6), 10), Some(3));
+        // Retained or out-of-order reads never count as loss.
+        assert_eq!(router_gap(Some(10), 4), None);
+    }
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut recent = RecentIds::default();
+        assert!(recent.insert(1));
+        assert!(!recent.insert(1));
+        for id in 2..=(RECENT_IDS as u64 + 1) {
+            assert!(recent.insert(id));
+        }
+        assert!(recent.insert(1), "the oldest id was forgotten");
     }
 }
