@@ -5,6 +5,53 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::ConnectionOptions;
+use std::path::PathBuf;
+
+/// The connection flags both binaries take.
+#[derive(Debug, clap::Args)]
+pub struct ConnectionArgs {
+    /// Broker host name (must match the broker certificate)
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// Broker TLS port
+    #[arg(long, default_value_t = 8883)]
+    pub port: u16,
+    /// CA certificate that signed the broker's certificate (PEM)
+    #[arg(long, default_value = "certs/ca.crt")]
+    pub ca: PathBuf,
+    /// Client certificate (PEM), re-read on every reconnection [default: certs/<identity>.crt]
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) [default: certs/<identity>.key]
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// MQTT client id [default: <identity>-<hostname>, plus the process id for the publisher]
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Keep retrying if the first connection fails (later disconnections are always retried)
+    #[arg(long)]
+    pub retry: bool,
+}
+
+impl ConnectionArgs {
+    /// Options for `identity` (`publisher` or `subscriber`), whose files are the defaults.
+    pub fn options(self, identity: &str, default_id: fn() -> String) -> ConnectionOptions {
+        let mut options = ConnectionOptions::new(
+            self.host,
+            self.port,
+            self.ca,
+            self.cert
+                .unwrap_or_else(|| PathBuf::from(format!("certs/{identity}.crt"))),
+            self.key
+                .unwrap_or_else(|| PathBuf::from(format!("certs/{identity}.key"))),
+            self.client_id.unwrap_or_else(default_id),
+        );
+        options.retry = self.retry;
+        options
+    }
+}
+
 /// fmt logging honouring `RUST_LOG` (default `info`, rumqttc quieter), to stdout, or to
 /// stderr when stdout must stay machine-readable (`--json`).
 pub fn init_logging(to_stderr: bool) {

@@ -5,10 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use clients::cli::{init_logging, parse_seconds, shutdown_signal};
-use clients::{
-    default_publisher_id, run_publisher, ArticleSource, ConnectionOptions, PublisherOptions,
-};
+use clients::cli::{init_logging, parse_seconds, shutdown_signal, ConnectionArgs};
+use clients::{default_publisher_id, run_publisher, ArticleSource, PublisherOptions};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -19,7 +17,7 @@ Examples:
                                              {\"newspaper\":\"marca\",\"section\":\"futbol\",\"title\":\"...\",\"content\":\"...\"})
   publisher --host broker.local --retry      keep trying until the broker is reachable
 
-Ctrl-C waits briefly for outstanding acknowledgements, then disconnects (twice: exit now).
+Ctrl-C waits briefly (2 s at most) for outstanding acknowledgements, then disconnects.
 Logging: RUST_LOG=debug publisher";
 
 #[derive(Debug, Parser)]
@@ -30,27 +28,8 @@ Logging: RUST_LOG=debug publisher";
     after_help = EXAMPLES
 )]
 struct Args {
-    /// Broker host name (must match the broker certificate)
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    /// Broker TLS port
-    #[arg(long, default_value_t = 8883)]
-    port: u16,
-    /// CA certificate that signed the broker's certificate (PEM)
-    #[arg(long, default_value = "certs/ca.crt")]
-    ca: PathBuf,
-    /// Client certificate (PEM); re-read on every reconnection
-    #[arg(long, default_value = "certs/publisher.crt")]
-    cert: PathBuf,
-    /// Client private key (PEM)
-    #[arg(long, default_value = "certs/publisher.key")]
-    key: PathBuf,
-    /// MQTT client id [default: publisher-<hostname>-<pid>]
-    #[arg(long)]
-    client_id: Option<String>,
-    /// Keep retrying if the first connection fails (later disconnections are always retried)
-    #[arg(long)]
-    retry: bool,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     /// Seconds between articles (fractions allowed)
     #[arg(long, default_value = "5", value_parser = parse_seconds, value_name = "SECS")]
     interval: Duration,
@@ -82,15 +61,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut connection = ConnectionOptions::new(
-        args.host,
-        args.port,
-        args.ca,
-        args.cert,
-        args.key,
-        args.client_id.unwrap_or_else(default_publisher_id),
-    );
-    connection.retry = args.retry;
+    let connection = args.connection.options("publisher", default_publisher_id);
     let mut opts = PublisherOptions::new(connection);
     opts.interval = args.interval;
     opts.count = args.count;

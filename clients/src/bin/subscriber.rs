@@ -1,14 +1,11 @@
 //! `subscriber`: follows news topics over mutual TLS and prints the articles.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use clients::cli::{init_logging, shutdown_signal};
+use clients::cli::{init_logging, shutdown_signal, ConnectionArgs};
 use clients::topic::DEFAULT_FILTER;
-use clients::{
-    default_subscriber_id, run_subscriber, stdout_sink, ConnectionOptions, SubscriberOptions,
-};
+use clients::{default_subscriber_id, run_subscriber, stdout_sink, SubscriberOptions};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -34,27 +31,8 @@ are dropped by id.";
     after_help = EXAMPLES
 )]
 struct Args {
-    /// Broker host name (must match the broker certificate)
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    /// Broker TLS port
-    #[arg(long, default_value_t = 8883)]
-    port: u16,
-    /// CA certificate that signed the broker's certificate (PEM)
-    #[arg(long, default_value = "certs/ca.crt")]
-    ca: PathBuf,
-    /// Client certificate (PEM); re-read on every reconnection
-    #[arg(long, default_value = "certs/subscriber.crt")]
-    cert: PathBuf,
-    /// Client private key (PEM)
-    #[arg(long, default_value = "certs/subscriber.key")]
-    key: PathBuf,
-    /// MQTT client id; keep it stable to resume the persistent session [default: subscriber-<hostname>]
-    #[arg(long)]
-    client_id: Option<String>,
-    /// Keep retrying if the first connection fails (later disconnections are always retried)
-    #[arg(long)]
-    retry: bool,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     /// Topic filter to follow (repeatable)
     #[arg(long = "topic", value_name = "FILTER", default_value = DEFAULT_FILTER)]
     topics: Vec<String>,
@@ -80,15 +58,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut connection = ConnectionOptions::new(
-        args.host,
-        args.port,
-        args.ca,
-        args.cert,
-        args.key,
-        args.client_id.unwrap_or_else(default_subscriber_id),
-    );
-    connection.retry = args.retry;
+    let connection = args.connection.options("subscriber", default_subscriber_id);
     let mut opts = SubscriberOptions::new(connection);
     opts.topics = args.topics;
     opts.group = args.group;
