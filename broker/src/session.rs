@@ -203,8 +203,10 @@ pub struct Session {
     key: SessionKey,
     shared: Arc<Shared>,
     ctrl: mpsc::UnboundedReceiver<Control>,
-    link_tx: LinkTx,
-    link_rx: LinkRx,
+    /// The router link, made on the first packet for the router: an idle connection
+    /// costs the router nothing.
+    link_tx: Option<LinkTx>,
+    link_rx: Option<LinkRx>,
     subs: HashMap<String, Subscription>,
     inflight: HashMap<u16, Inflight>,
     queue: VecDeque<Queued>,
@@ -255,32 +257,8 @@ pub async fn run(
     key: SessionKey,
     id: u64,
     start: Start,
-    mut ctrl: mpsc::UnboundedReceiver<Control>,
+    ctrl: mpsc::UnboundedReceiver<Control>,
 ) {
-    let router = shared.router.clone();
-    let link_id = format!("s{id}");
-    let link = tokio::task::spawn_blocking(move || router.link(&link_id)).await;
-    let (link_tx, link_rx) = match link {
-        Ok(Ok(link)) => link,
-        failure => {
-            let why = match failure {
-                Ok(Err(e)) => e,
-                Err(e) => e.to_string(),
-                Ok(Ok(_)) => String::new(),
-            };
-            error!(identity = %key.identity, client_id = %key.client_id,
-                error = %why, "router refused a new session link; answering server unavailable");
-            if let Start::Client(client) = start {
-                refuse_unavailable(client).await;
-            }
-            while let Some(control) = shared.registry.finish(&key, id, &mut ctrl) {
-                if let Control::Attach(client) = control {
-                    refuse_unavailable(client).await;
-                }
-            }
-            return;
-        }
-    };
     let sys = shared.sys.subscribe();
     let mut session = Session {
         sys,
@@ -291,8 +269,8 @@ pub async fn run(
         key,
         shared,
         ctrl,
-        link_tx,
-        link_rx,
+        link_tx: None,
+        link_rx: None,
         subs: HashMap::new(),
         inflight: HashMap::new(),
         queue: VecDeque::new(),
@@ -388,6 +366,14 @@ fn router_unsubscribe(filter: String) -> RouterPacket {
     )
 }
 
+/// The next router notification, or never when there is no link yet.
+async fn link_next(rx: &mut Option<LinkRx>) -> Result<Option<Notification>, LinkError> {
+    match rx {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn refuse_unavailable(client: Box<Client>) {
     let mut client = *client;
     client.framed.queue(Outbound::ConnAck {
@@ -444,7 +430,7 @@ impl Session {
                         self.on_read(read).await;
                     }
                 }
-                note = self.link_rx.next() => {
+                note = link_next(&mut self.link_rx) => {
                     if !self.on_link(note).await {
                         self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
                         return Exit::Ended;
@@ -499,7 +485,8 @@ impl Session {
     async fn drain_link(&mut self) {
         let deadline = Instant::now() + DRAIN_MAX;
         while Instant::now() < deadline {
-            let Ok(note) = tokio::time::timeout(DRAIN_IDLE, self.link_rx.next()).await else {
+            let Ok(note) = tokio::time::timeout(DRAIN_IDLE, link_next(&mut self.link_rx)).await
+            else {
                 return;
             };
             if !self.on_link(note).await {
@@ -763,8 +750,10 @@ impl Session {
             None,
         );
         // The only public way to unregister a link from the router.
-        if let Err(e) = self.link_tx.send(disconnect).await {
-            error!(client_id = %self.key.client_id, error = %e, "could not unregister router link");
+        if let Some(tx) = self.link_tx.as_mut() {
+            if let Err(e) = tx.send(disconnect).await {
+                error!(client_id = %self.key.client_id, error = %e, "could not unregister router link");
+            }
         }
     }
 
@@ -1159,13 +1148,20 @@ impl Session {
                 // The rest stays in the link for the next turn of the loop.
                 break;
             }
-            next = match self.link_rx.next().now_or_never() {
+            let Some(rx) = self.link_rx.as_mut() else {
+                break;
+            };
+            next = match rx.next().now_or_never() {
                 Some(n) => n,
                 None => break,
             };
         }
         if wake {
-            if let Err(e) = self.link_rx.wake().await {
+            let woken = match self.link_rx.as_ref() {
+                Some(rx) => rx.wake().await,
+                None => Ok(()),
+            };
+            if let Err(e) = woken {
                 error!(client_id = %self.key.client_id, error = %e, "router link failed");
                 return false;
             }
@@ -1456,19 +1452,58 @@ impl Session {
         }
     }
 
-    async fn flush_router(&mut self) {
-        let Some(last) = self.to_router.pop() else {
-            return;
-        };
-        self.link_tx.buffer().extend(self.to_router.drain(..));
-        // One notification for the whole batch.
-        if let Err(e) = self.link_tx.send(last).await {
-            error!(client_id = %self.key.client_id, error = %e, "router link failed");
+    /// Hands the batch to the router; false when no link could be made (the batch is
+    /// then dropped and must not be acknowledged).
+    async fn flush_router(&mut self) -> bool {
+        if self.to_router.is_empty() {
+            return true;
         }
+        if self.link_tx.is_none() {
+            let router = self.shared.router.clone();
+            let link_id = format!("s{}", self.id);
+            match tokio::task::spawn_blocking(move || router.link(&link_id)).await {
+                Ok(Ok((tx, rx))) => {
+                    self.link_tx = Some(tx);
+                    self.link_rx = Some(rx);
+                }
+                failure => {
+                    let why = match failure {
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    error!(identity = %self.key.identity, client_id = %self.key.client_id,
+                        error = %why, "router refused a session link");
+                    self.to_router.clear();
+                    return false;
+                }
+            }
+        }
+        let (Some(tx), Some(last)) = (self.link_tx.as_mut(), self.to_router.pop()) else {
+            return true;
+        };
+        tx.buffer().extend(self.to_router.drain(..));
+        // One notification for the whole batch.
+        if let Err(e) = tx.send(last).await {
+            error!(client_id = %self.key.client_id, error = %e, "router link failed");
+            return false;
+        }
+        true
     }
 
     async fn flush(&mut self) {
-        self.flush_router().await;
+        if !self.flush_router().await {
+            if let Some(c) = &mut self.conn {
+                c.framed.discard_pending();
+            }
+            self.close(
+                Some(reason::UNSPECIFIED),
+                "router unavailable: nothing acknowledged",
+                true,
+            )
+            .await;
+            return;
+        }
         if std::mem::take(&mut self.needs_sync) {
             // Durable before acknowledged: the acks wait in the buffer for the flush.
             if let Err(e) = self.shared.retained.sync().await {
