@@ -68,10 +68,10 @@ fn case(id: &'static str, args: &str) -> Case {
 
 /// The cases of a full or quick pass.
 pub fn cases(quick: bool) -> Vec<Case> {
-    let (d, step, lat, conns, restart) = if quick {
-        ("2", "1.5", "5", "2000", "20000")
+    let (d, step, lat, conns, handshakes, restart) = if quick {
+        ("2", "1.5", "5", "2000", "1000", "20000")
     } else {
-        ("5", "2.5", "10", "10000", "100000")
+        ("5", "2.5", "10", "10000", "5000", "100000")
     };
     vec![
         case("tp-qos0", &format!("throughput --qos 0 --duration {d}")),
@@ -89,6 +89,10 @@ pub fn cases(quick: bool) -> Vec<Case> {
         case(
             "connections",
             &format!("connections --count {conns} --rate 1000"),
+        ),
+        case(
+            "handshakes",
+            &format!("connections --count {handshakes} --concurrency 32 --hold 0"),
         ),
         case("retained", "retained --topics 10000"),
         case("slowloris", "slowloris --silent 1000"),
@@ -493,6 +497,18 @@ const ROWS: &[(&str, &str, &str, Better)] = &[
         Better::Higher,
     ),
     (
+        "handshakes",
+        "handshakes_per_s",
+        "handshake capacity: handshakes/s, 32 in flight (closed loop)",
+        Better::Higher,
+    ),
+    (
+        "handshakes",
+        "broker_cpu_ms_per_connection",
+        "handshake capacity: broker CPU ms per handshake",
+        Better::Lower,
+    ),
+    (
         "connections",
         "connect_p99_ms",
         "connections: connect p99 ms",
@@ -667,9 +683,15 @@ pub fn bars(r: &Results) -> Vec<Bar> {
         .values("connections", Kind::Ours, "established")
         .into_iter()
         .reduce(f64::min);
+    // Capacity, from the closed-loop case: at the fixed offer both can only keep up.
+    let hs_case = if o("handshakes", "handshakes_per_s").is_some() {
+        "handshakes"
+    } else {
+        "connections"
+    };
     let hs = ratio(
-        o("connections", "handshakes_per_s"),
-        m("connections", "handshakes_per_s"),
+        o(hs_case, "handshakes_per_s"),
+        m(hs_case, "handshakes_per_s"),
     );
     let mem = (
         o("connections", "kib_per_connection"),
@@ -688,8 +710,8 @@ pub fn bars(r: &Results) -> Vec<Bar> {
             x(est),
             x(offered),
             hs.map(|s| format!("{s:.2}")).unwrap_or_else(|| "–".into()),
-            x(o("connections", "handshakes_per_s")),
-            x(m("connections", "handshakes_per_s")),
+            x(o(hs_case, "handshakes_per_s")),
+            x(m(hs_case, "handshakes_per_s")),
             x(mem.0),
             x(mem.1)
         ),

@@ -97,6 +97,10 @@ max_queued = 10000
 [storage]
 data_dir = {data}
 
+# Served as in production, on a free port so that runs never collide.
+[metrics]
+bind = "127.0.0.1:0"
+
 [log]
 level = "warn,broker::server=info"
 dir = ""

@@ -224,6 +224,14 @@ pub enum FirstPacket {
     NotConnect(String),
 }
 
+/// Read buffer of a new connection: room for a typical CONNECT.
+const READ_FIRST: usize = 512;
+/// Read buffer growth under traffic, once less than `READ_MIN_SPARE` is free.
+const READ_CHUNK: usize = 4096;
+const READ_MIN_SPARE: usize = 128;
+/// Write buffer allocated when the first packet of a flush is queued.
+const WRITE_CHUNK: usize = 4096;
+
 /// The writing half, in a task of its own: a client that reads slowly never stalls
 /// its session, which keeps draining the router meanwhile.
 struct Writer {
@@ -285,8 +293,9 @@ impl<R: AsyncRead + Unpin> Framed<R> {
         Self {
             reader,
             writer: Writer::spawn(writer),
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: BytesMut::with_capacity(4096),
+            // Small until traffic needs more: most connections sit idle.
+            rbuf: BytesMut::with_capacity(READ_FIRST),
+            wbuf: BytesMut::new(),
             version: Version::V311,
             max_in,
             max_out: None,
@@ -301,8 +310,8 @@ impl<R: AsyncRead + Unpin> Framed<R> {
 
     /// Reads more bytes; cancel-safe (bytes read are kept in the buffer).
     async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(4096);
+        if self.rbuf.capacity() - self.rbuf.len() < READ_MIN_SPARE {
+            self.rbuf.reserve(READ_CHUNK);
         }
         match self.reader.read_buf(&mut self.rbuf).await? {
             0 => Err(ReadError::Closed),
@@ -425,6 +434,9 @@ impl<R: AsyncRead + Unpin> Framed<R> {
     /// Encodes a packet into the write buffer. A PUBLISH larger than the client's
     /// Maximum Packet Size is not sent, and `false` is returned.
     pub fn queue(&mut self, packet: Outbound) -> bool {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(WRITE_CHUNK);
+        }
         if let (Outbound::Disconnect { reason }, Version::V5) = (&packet, self.version) {
             // rumqttc writes a reason code without properties as a bare normal
             // disconnection; written by hand: reason code, empty properties.
@@ -456,7 +468,8 @@ impl<R: AsyncRead + Unpin> Framed<R> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let data = self.wbuf.split().freeze();
+        // Taken whole, not split: an idle connection keeps no write buffer.
+        let data = std::mem::take(&mut self.wbuf).freeze();
         let len = data.len();
         self.writer.pending.fetch_add(len, Ordering::AcqRel);
         if let Some((_, written)) = &self.counters {
@@ -876,5 +889,27 @@ fn suback_reason(code: u8) -> v5::SubscribeReasonCode {
         0xA1 => R::SubscriptionIdNotSupported,
         0xA2 => R::WildcardSubscriptionsNotSupported,
         _ => R::Unspecified,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// What an idle connection costs is what the `connections` benchmark measures: a
+    /// small read buffer and no write buffer once its writes are handed over.
+    #[tokio::test]
+    async fn idle_connection_keeps_small_buffers() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (reader, writer) = tokio::io::split(server);
+        let mut framed = Framed::new(reader, writer, 1 << 20);
+        assert!(framed.rbuf.capacity() <= READ_FIRST);
+        assert!(framed.queue(Outbound::PingResp));
+        framed.flush().unwrap();
+        assert_eq!(framed.wbuf.capacity(), 0);
+        let mut written = [0u8; 2];
+        client.read_exact(&mut written).await.unwrap();
+        assert_eq!(written, [0xD0, 0x00]);
     }
 }

@@ -158,7 +158,15 @@ pub async fn handle(
     });
     let new_id = shared.next_id();
     if let Attached::New { client, id, rx } = shared.registry.attach(key.clone(), client, new_id) {
-        session::run(shared.clone(), key, id, session::Start::Client(client), rx).await;
+        // A task of its own rather than awaited here: this task's state was sized for
+        // the TLS handshake, which an idle connection would otherwise carry for life.
+        tokio::spawn(session::run(
+            shared.clone(),
+            key,
+            id,
+            session::Start::Client(client),
+            rx,
+        ));
     }
 }
 

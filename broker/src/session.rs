@@ -417,11 +417,11 @@ impl Session {
             };
             tokio::select! {
                 control = self.ctrl.recv() => match control {
-                    Some(Control::Attach(client)) => self.attach(client, false).await,
-                    Some(Control::Revoked(serials)) => self.close_if_revoked(&serials).await,
+                    Some(Control::Attach(client)) => Box::pin(self.attach(client, false)).await,
+                    Some(Control::Revoked(serials)) => Box::pin(self.close_if_revoked(&serials)).await,
                     Some(Control::Shutdown) | None => {
                         self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
-                        self.drain_link().await;
+                        Box::pin(self.drain_link()).await;
                         return Exit::Shutdown;
                     }
                 },
@@ -431,19 +431,20 @@ impl Session {
                     }
                 }
                 note = link_next(&mut self.link_rx) => {
-                    if !self.on_link(note).await {
+                    if !self.on_link(note) {
                         self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
                         return Exit::Ended;
                     }
+                    self.flush().await;
                 }
                 changed = self.sys.changed(), if self.has_sys_subscription() => {
                     if changed.is_ok() {
-                        self.on_sys().await;
+                        Box::pin(self.on_sys()).await;
                     }
                 }
                 _ = sleep_until(self.pending_will.as_ref().map(|(at, _)| *at)) => {
                     if let Some((_, will)) = self.pending_will.take() {
-                        self.publish_will(will).await;
+                        Box::pin(self.publish_will(will)).await;
                     }
                 }
                 _ = sleep_until(keep_alive) => {
@@ -489,9 +490,10 @@ impl Session {
             else {
                 return;
             };
-            if !self.on_link(note).await {
+            if !self.on_link(note) {
                 return;
             }
+            self.flush().await;
         }
     }
 
@@ -790,7 +792,7 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    self.on_read_error(e).await;
+                    Box::pin(self.on_read_error(e)).await;
                     return;
                 }
             }
@@ -850,7 +852,9 @@ impl Session {
                 self.qos2_in.remove(&pkid);
                 self.send(Outbound::PubComp { pkid });
             }
-            Inbound::Subscribe { pkid, filters, id } => self.on_subscribe(pkid, filters, id).await,
+            Inbound::Subscribe { pkid, filters, id } => {
+                Box::pin(self.on_subscribe(pkid, filters, id)).await
+            }
             Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters),
             Inbound::PingReq => {
                 self.send(Outbound::PingResp);
@@ -1123,8 +1127,9 @@ impl Session {
         }
     }
 
-    /// Drains router notifications; false when the link is gone.
-    async fn on_link(&mut self, first: Result<Option<Notification>, LinkError>) -> bool {
+    /// Drains router notifications; false when the link is gone. Not async: a
+    /// notification is large, and no session's future should have room for one.
+    fn on_link(&mut self, first: Result<Option<Notification>, LinkError>) -> bool {
         self.recheck_subscriptions();
         let mut wake = false;
         let mut next = first;
@@ -1157,8 +1162,10 @@ impl Session {
             };
         }
         if wake {
+            // `ready` rather than `wake`: the same send on the same bounded channel as
+            // `LinkTx::send`, without an `Event`-sized future in every session's state.
             let woken = match self.link_rx.as_ref() {
-                Some(rx) => rx.wake().await,
+                Some(rx) => rx.ready(),
                 None => Ok(()),
             };
             if let Err(e) = woken {
@@ -1166,7 +1173,6 @@ impl Session {
                 return false;
             }
         }
-        self.flush().await;
         true
     }
 
@@ -1549,6 +1555,12 @@ impl Session {
     /// Closes the socket, keeping the session; the will is published unless the
     /// client said DISCONNECT.
     async fn close(&mut self, code: Option<u8>, why: &str, with_will: bool) {
+        // Boxed, as are the other rare paths: a future is as large as its largest
+        // state, and every idle session would carry this one's.
+        Box::pin(self.close_now(code, why, with_will)).await;
+    }
+
+    async fn close_now(&mut self, code: Option<u8>, why: &str, with_will: bool) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
