@@ -76,6 +76,8 @@ pub struct SessionConfig {
     pub max_queued: usize,
     /// Longest keep alive granted; a larger request is lowered (MQTT 5 Server Keep Alive).
     pub max_keepalive_secs: u16,
+    /// Published messages a session's inbox holds before their publishers wait for it.
+    pub inbox: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +164,7 @@ impl Default for SessionConfig {
             max_inflight: 100,
             max_queued: 10_000,
             max_keepalive_secs: 3600,
+            inbox: crate::fanout::INBOX,
         }
     }
 }
@@ -256,6 +259,9 @@ impl Config {
         }
         if self.session.max_inflight == 0 {
             return bad("session.max_inflight", "must be at least 1");
+        }
+        if self.session.inbox == 0 {
+            return bad("session.inbox", "must be at least 1");
         }
         if let Err(problem) = crate::acl::Acl::new(self.acl.clone()) {
             return Err(ConfigError::Acl {

@@ -1,13 +1,15 @@
-//! A secure MQTT broker: rumqttd's router behind our own mutual-TLS edge.
+//! A secure MQTT broker behind our own mutual-TLS edge, with rumqttd's router for
+//! shared subscriptions.
 //!
 //! `server` accepts sockets; `connection` does the TLS handshake and reads CONNECT;
-//! `session` owns a client's state and its router link; `router` wraps rumqttd.
-//! See docs/ARCHITECTURE.md.
+//! `session` owns a client's state; `fanout` hands published messages from session to
+//! session; `router` wraps rumqttd. See docs/ARCHITECTURE.md.
 
 pub mod acl;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod fanout;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

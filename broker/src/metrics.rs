@@ -29,6 +29,7 @@ pub struct Metrics {
     sessions: Family<Labels, Gauge>,
     pub queued: Gauge,
     pub dropped: Counter,
+    pub publisher_waits: Counter,
     pub subscriptions: Gauge,
     acl_denials: Family<Labels, Counter>,
     pub handshake_seconds: Histogram,
@@ -59,6 +60,7 @@ impl Metrics {
             sessions: Family::default(),
             queued: Gauge::default(),
             dropped: Counter::default(),
+            publisher_waits: Counter::default(),
             subscriptions: Gauge::default(),
             acl_denials: Family::default(),
             // 100 µs .. ~1.6 s
@@ -124,6 +126,11 @@ impl Metrics {
             "dropped_messages",
             "Messages dropped because a session queue was full",
             m.dropped.clone(),
+        );
+        r.register(
+            "publisher_waits",
+            "Times a publishing session waited for room in a subscriber session's inbox (flow control)",
+            m.publisher_waits.clone(),
         );
         r.register(
             "subscriptions",

@@ -58,6 +58,7 @@ pub struct Shared {
     pub config: Config,
     tls: RwLock<Arc<TlsMaterial>>,
     pub router: Router,
+    pub fanout: crate::fanout::Fanout,
     pub retained: Retained,
     pub store: Arc<Store>,
     pub registry: Registry,
@@ -186,6 +187,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let shared = Arc::new(Shared {
         tls: RwLock::new(Arc::new(tls_material)),
         router,
+        fanout: crate::fanout::Fanout::default(),
         retained,
         store,
         registry: Registry::default(),

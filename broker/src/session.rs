@@ -1,13 +1,15 @@
-//! A session: one task per (identity, client id) that owns the client's router link,
-//! its subscriptions, its QoS 1/2 state and its queue, and the socket while one is
-//! attached. A persistent session outlives its socket and keeps draining the router
-//! into its own queue, so nothing a QoS 1/2 subscriber is owed is lost while it is away.
+//! A session: one task per (identity, client id) that owns the client's subscriptions,
+//! its inbox of published messages, its QoS 1/2 state and its queue, its router link
+//! (shared subscriptions only), and the socket while one is attached. A persistent
+//! session outlives its socket and keeps draining its inbox into its own queue, so
+//! nothing a QoS 1/2 subscriber is owed is lost while it is away.
 
 use crate::acl::Action;
 use crate::codec::{
     reason, ConnectCode, ConnectInfo, Framed, Inbound, Message, Outbound, ReadError, SubRequest,
     Version, Will,
 };
+use crate::fanout::{Delivery, HandOver, Inbox, Outbox};
 use crate::registry::{Control, SessionKey};
 use crate::router::{now_micros, Envelope};
 use crate::server::Shared;
@@ -45,8 +47,6 @@ const DRAIN_MAX: Duration = Duration::from_secs(2);
 const QOS0_BACKLOG: usize = 1 << 20;
 /// Unwritten bytes beyond which a client's socket is not read until it drains.
 const READ_PAUSE: usize = 4 << 20;
-/// Router overflow is logged at most this often per session, with the count since.
-const OVERFLOW_LOG: Duration = Duration::from_secs(1);
 /// Repeated denials of one action on one topic are logged once per this period.
 const DENIAL_SUMMARY: Duration = Duration::from_secs(60);
 /// Distinct denials remembered per session for that summary.
@@ -72,8 +72,30 @@ struct Subscription {
     no_local: bool,
     retain_as_published: bool,
     id: Option<usize>,
-    /// Held by the router; `$SYS` filters are served by the edge alone.
-    routed: bool,
+    place: Place,
+}
+
+/// Where a subscription is served from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The fan-out index: plain filters.
+    Index,
+    /// rumqttd's router: shared subscriptions (`$share/group/filter`).
+    Router,
+    /// The session itself: `$SYS` filters, fed from the `$SYS` channel.
+    Edge,
+}
+
+impl Place {
+    fn of(filter: &str) -> Self {
+        if topic::split_shared(filter).is_some() {
+            Place::Router
+        } else if filter.starts_with('$') {
+            Place::Edge
+        } else {
+            Place::Index
+        }
+    }
 }
 
 /// A message waiting in the queue, with the moment its MQTT 5 expiry runs out.
@@ -203,6 +225,11 @@ pub struct Session {
     key: SessionKey,
     shared: Arc<Shared>,
     ctrl: mpsc::UnboundedReceiver<Control>,
+    /// Messages from publishing sessions; `outbox` is what the fan-out index holds.
+    inbox: Inbox,
+    outbox: Outbox,
+    /// Messages published in this batch, handed over at the flush.
+    deliveries: Vec<Arc<Delivery>>,
     /// The router link, made on the first packet for the router: an idle connection
     /// costs the router nothing.
     link_tx: Option<LinkTx>,
@@ -231,10 +258,6 @@ pub struct Session {
     sys: watch::Receiver<Arc<Vec<Message>>>,
     /// A will waiting for its Will Delay Interval (MQTT 5).
     pending_will: Option<(Instant, Will)>,
-    /// The last router log offset seen per subscription, to notice what it skipped.
-    router_offsets: HashMap<String, u64>,
-    /// Router overflow: when last logged, and messages skipped since.
-    overflow: (Option<Instant>, u64),
 }
 
 /// How a session begins.
@@ -242,6 +265,12 @@ pub enum Start {
     Client(Box<Client>),
     /// Saved before the last stop; starts offline.
     Restored(SessionRecord),
+}
+
+/// What the shutdown drain took in.
+enum Drained {
+    Inbox(Arc<Delivery>),
+    Link(Box<Result<Option<Notification>, LinkError>>),
 }
 
 /// Why `serve` returned.
@@ -260,11 +289,13 @@ pub async fn run(
     ctrl: mpsc::UnboundedReceiver<Control>,
 ) {
     let sys = shared.sys.subscribe();
+    let (outbox, inbox) = crate::fanout::inbox(shared.config.session.inbox);
     let mut session = Session {
         sys,
         pending_will: None,
-        router_offsets: HashMap::new(),
-        overflow: (None, 0),
+        inbox,
+        outbox,
+        deliveries: Vec::new(),
         id,
         key,
         shared,
@@ -348,14 +379,6 @@ fn router_subscribe(filter: &str) -> RouterPacket {
     )
 }
 
-/// Messages skipped between two offsets of one router log, if any.
-fn router_gap(last: Option<u64>, offset: u64) -> Option<u64> {
-    match last {
-        Some(last) if offset > last + 1 => Some(offset - last - 1),
-        _ => None,
-    }
-}
-
 fn router_unsubscribe(filter: String) -> RouterPacket {
     RouterPacket::Unsubscribe(
         rp::Unsubscribe {
@@ -430,6 +453,10 @@ impl Session {
                         self.on_read(read).await;
                     }
                 }
+                Some(first) = self.inbox.recv() => {
+                    self.on_inbox(first);
+                    self.flush().await;
+                }
                 note = link_next(&mut self.link_rx) => {
                     if !self.on_link(note) {
                         self.disconnect(reason::UNSPECIFIED, "router link lost", true).await;
@@ -481,17 +508,26 @@ impl Session {
             .await;
     }
 
-    /// At shutdown: takes in what the router still holds for this session (messages
-    /// acknowledged to their publishers a moment ago), so it can be saved.
+    /// At shutdown: takes in what the inbox and the router still hold for this session
+    /// (messages acknowledged to their publishers a moment ago), so it can be saved.
     async fn drain_link(&mut self) {
         let deadline = Instant::now() + DRAIN_MAX;
         while Instant::now() < deadline {
-            let Ok(note) = tokio::time::timeout(DRAIN_IDLE, link_next(&mut self.link_rx)).await
-            else {
-                return;
-            };
-            if !self.on_link(note) {
-                return;
+            let (link, inbox) = (&mut self.link_rx, &mut self.inbox);
+            let next = tokio::time::timeout(DRAIN_IDLE, async move {
+                tokio::select! {
+                    Some(delivery) = inbox.recv() => Drained::Inbox(delivery),
+                    note = link_next(link) => Drained::Link(Box::new(note)),
+                }
+            });
+            match next.await {
+                Err(_) => return,
+                Ok(Drained::Inbox(delivery)) => self.on_inbox(delivery),
+                Ok(Drained::Link(note)) => {
+                    if !self.on_link(*note) {
+                        return;
+                    }
+                }
             }
             self.flush().await;
         }
@@ -615,11 +651,9 @@ impl Session {
 
     /// Forgets all session state (Clean Start, or a session ended and begun again).
     fn reset(&mut self) {
-        self.router_offsets.clear();
-        for (filter, sub) in self.subs.drain() {
-            if sub.routed {
-                self.to_router.push(router_unsubscribe(filter));
-            }
+        let subs: Vec<(String, Subscription)> = self.subs.drain().collect();
+        for (filter, sub) in subs {
+            self.unplace(filter, sub.place);
         }
         self.inflight.clear();
         self.queue.clear();
@@ -629,16 +663,14 @@ impl Session {
     /// Restores a saved session: subscriptions back in the router, queue refilled.
     async fn restore(&mut self, record: SessionRecord) {
         for s in record.subscriptions {
-            let routed = topic::split_shared(&s.filter).is_some() || !s.filter.starts_with('$');
-            if routed {
-                self.to_router.push(router_subscribe(&s.filter));
-            }
+            let place = Place::of(&s.filter);
+            self.place(&s.filter, place);
             let sub = Subscription {
                 qos: s.qos,
                 no_local: s.no_local,
                 retain_as_published: s.retain_as_published,
                 id: s.id,
-                routed,
+                place,
             };
             self.subs.insert(s.filter, sub);
         }
@@ -744,6 +776,14 @@ impl Session {
             self.expiry_secs = 0;
         }
         self.save(true);
+        let subs: Vec<(String, Place)> = self
+            .subs
+            .iter()
+            .map(|(f, s)| (f.clone(), s.place))
+            .collect();
+        for (filter, place) in subs {
+            self.unplace(filter, place);
+        }
         self.flush_router().await;
         let disconnect = RouterPacket::Disconnect(
             rp::Disconnect {
@@ -999,13 +1039,103 @@ impl Session {
             received_at: now_micros(),
             properties: message.properties.take(),
         };
-        let publish = rp::Publish::new(
-            Bytes::from(message.topic),
-            envelope.wrap(&message.payload),
-            false,
-        );
-        self.to_router.push(RouterPacket::Publish(publish, None));
+        if self.shared.fanout.has_shared_subscriptions() {
+            let publish = rp::Publish::new(
+                Bytes::from(message.topic.clone()),
+                envelope.wrap(&message.payload),
+                false,
+            );
+            self.to_router.push(RouterPacket::Publish(publish, None));
+        }
+        self.deliveries.push(Arc::new(Delivery {
+            topic: message.topic,
+            payload: message.payload,
+            envelope,
+        }));
         true
+    }
+
+    /// Hands this batch's messages to the subscriber sessions. Where an inbox is full
+    /// the publisher waits, and with it its acknowledgements: it is slowed down, and
+    /// nothing is dropped.
+    async fn hand_over(&mut self) {
+        if self.deliveries.is_empty() {
+            return;
+        }
+        for delivery in std::mem::take(&mut self.deliveries) {
+            if let HandOver::Wait(full) = self.shared.fanout.hand_over(&delivery) {
+                for outbox in full {
+                    self.shared.metrics.publisher_waits.inc();
+                    self.wait_for_room(&outbox, delivery.clone()).await;
+                }
+            }
+        }
+        // The subscriber sessions just woken run first, on this thread, and write to
+        // their clients before this session writes its acknowledgements.
+        tokio::task::yield_now().await;
+    }
+
+    async fn wait_for_room(&mut self, outbox: &Outbox, delivery: Arc<Delivery>) {
+        loop {
+            tokio::select! {
+                permit = outbox.reserve() => {
+                    // An error: that session is gone.
+                    if let Ok(permit) = permit {
+                        permit.send(delivery);
+                    }
+                    return;
+                }
+                // Our own inbox keeps draining meanwhile: two sessions publishing to
+                // each other never wait on each other for ever.
+                Some(incoming) = self.inbox.recv() => self.accept(&incoming),
+            }
+        }
+    }
+
+    /// Takes messages from the inbox, the first one and what else is there.
+    fn on_inbox(&mut self, first: Arc<Delivery>) {
+        self.recheck_subscriptions();
+        self.accept(&first);
+        for _ in 1..BATCH {
+            match self.inbox.try_recv() {
+                Ok(delivery) => self.accept(&delivery),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn accept(&mut self, delivery: &Delivery) {
+        self.offer(
+            delivery.topic.clone(),
+            delivery.payload.clone(),
+            delivery.envelope.clone(),
+        );
+    }
+
+    /// Puts a new subscription where it is served from.
+    fn place(&mut self, filter: &str, place: Place) {
+        match place {
+            Place::Index => self
+                .shared
+                .fanout
+                .subscribe(filter, self.id, self.outbox.clone()),
+            Place::Router => {
+                self.shared.fanout.shared_subscribed();
+                self.to_router.push(router_subscribe(filter));
+            }
+            Place::Edge => {}
+        }
+    }
+
+    fn unplace(&mut self, filter: String, place: Place) {
+        match place {
+            Place::Index => self.shared.fanout.unsubscribe(&filter, self.id),
+            Place::Router => {
+                self.shared.fanout.shared_unsubscribed();
+                self.to_router.push(router_unsubscribe(filter));
+            }
+            Place::Edge => {}
+        }
     }
 
     /// The store failed: nothing in this batch is acknowledged, the client will resend.
@@ -1052,8 +1182,8 @@ impl Session {
                 });
                 continue;
             }
-            let shared_sub = topic::split_shared(&req.filter).is_some();
-            let routed = shared_sub || !req.filter.starts_with('$');
+            let place = Place::of(&req.filter);
+            let shared_sub = place == Place::Router;
             let existed = self
                 .subs
                 .insert(
@@ -1063,12 +1193,12 @@ impl Session {
                         no_local: req.no_local,
                         retain_as_published: req.retain_as_published,
                         id,
-                        routed,
+                        place,
                     },
                 )
                 .is_some();
-            if routed && !existed {
-                self.to_router.push(router_subscribe(&req.filter));
+            if !existed {
+                self.place(&req.filter, place);
             }
             codes.push(req.qos);
             let send_retained = !shared_sub
@@ -1088,8 +1218,8 @@ impl Session {
         if self.expiry_secs > 0 {
             self.save(false);
         }
-        // The router learns of the subscription before the retained snapshot is taken,
-        // so a message published meanwhile arrives live if it is not in the snapshot.
+        // The subscription is in place before the retained snapshot is taken, so a
+        // message published meanwhile arrives live if it is not in the snapshot.
         self.flush_router().await;
         for (filter, granted) in wanted_retained {
             for mut message in self.shared.retained.matching(&filter) {
@@ -1109,12 +1239,9 @@ impl Session {
     fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
         let mut codes = Vec::with_capacity(filters.len());
         for filter in filters {
-            self.router_offsets.remove(&filter);
             match self.subs.remove(&filter) {
                 Some(sub) => {
-                    if sub.routed {
-                        self.to_router.push(router_unsubscribe(filter));
-                    }
+                    self.unplace(filter, sub.place);
                     codes.push(reason::SUCCESS);
                 }
                 None => codes.push(reason::NO_SUBSCRIPTION_EXISTED),
@@ -1135,9 +1262,7 @@ impl Session {
         let mut next = first;
         for i in 1..=BATCH {
             match next {
-                Ok(Some(Notification::Forward(forward))) => {
-                    self.on_forward(forward.publish, forward.cursor)
-                }
+                Ok(Some(Notification::Forward(forward))) => self.on_forward(forward.publish),
                 Ok(Some(Notification::Unschedule)) => wake = true,
                 Ok(Some(Notification::Disconnect(..))) => {
                     error!(client_id = %self.key.client_id, "router disconnected the session link");
@@ -1176,54 +1301,16 @@ impl Session {
         true
     }
 
-    fn on_forward(&mut self, publish: rp::Publish, cursor: Option<(u64, u64)>) {
+    /// A message of a shared subscription, from the router.
+    fn on_forward(&mut self, publish: rp::Publish) {
         let Ok(topic) = String::from_utf8(publish.topic.to_vec()) else {
             return;
         };
-        if let Some((_, offset)) = cursor {
-            self.check_router_gap(&topic, offset);
-        }
         let Some((envelope, payload)) = Envelope::unwrap(publish.payload) else {
             error!(topic = %topic, "message without envelope from the router; dropped");
             return;
         };
         self.offer(topic, payload, envelope);
-    }
-
-    /// The router numbers each filter's messages; a gap means it recycled messages this
-    /// session had not read yet. Counted and logged, so no loss goes unseen. Only for a
-    /// topic that one plain subscription matches (a shared group's members see each
-    /// other's messages as gaps; overlapping filters cannot be told apart).
-    fn check_router_gap(&mut self, topic: &str, offset: u64) {
-        let mut matching = self
-            .subs
-            .iter()
-            .filter(|(f, s)| s.routed && topic::matches(f, topic));
-        let (Some((filter, _)), None) = (matching.next(), matching.next()) else {
-            return;
-        };
-        if topic::split_shared(filter).is_some() {
-            return;
-        }
-        let last = self.router_offsets.insert(filter.clone(), offset);
-        let Some(skipped) = router_gap(last, offset) else {
-            return;
-        };
-        self.dropped += skipped;
-        self.shared.metrics.dropped.inc_by(skipped);
-        self.overflow.1 += skipped;
-        let now = Instant::now();
-        if self
-            .overflow
-            .0
-            .is_none_or(|last| now.duration_since(last) >= OVERFLOW_LOG)
-        {
-            let skipped = std::mem::take(&mut self.overflow.1);
-            self.overflow.0 = Some(now);
-            warn!(identity = %self.key.identity, client_id = %self.key.client_id,
-                filter = %filter, skipped, dropped = self.dropped,
-                "router overflow: messages for this session were overwritten before it read them");
-        }
     }
 
     /// New `$SYS` values, for the `$SYS` subscriptions the router does not hold.
@@ -1244,7 +1331,7 @@ impl Session {
     }
 
     fn has_sys_subscription(&self) -> bool {
-        self.subs.values().any(|s| !s.routed)
+        self.subs.values().any(|s| s.place == Place::Edge)
     }
 
     /// Delivers a message to this session if one of its subscriptions matches.
@@ -1356,11 +1443,8 @@ impl Session {
             .collect();
         for filter in revoked {
             self.log_denial(Action::Subscribe, &filter);
-            self.router_offsets.remove(&filter);
             if let Some(sub) = self.subs.remove(&filter) {
-                if sub.routed {
-                    self.to_router.push(router_unsubscribe(filter));
-                }
+                self.unplace(filter, sub.place);
             }
         }
     }
@@ -1498,6 +1582,7 @@ impl Session {
     }
 
     async fn flush(&mut self) {
+        self.hand_over().await;
         if !self.flush_router().await {
             if let Some(c) = &mut self.conn {
                 c.framed.discard_pending();
@@ -1531,6 +1616,7 @@ impl Session {
     async fn publish_will(&mut self, will: Will) {
         self.route(will.message);
         self.needs_sync = false;
+        self.hand_over().await;
         self.flush_router().await;
     }
 
@@ -1592,15 +1678,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn router_gaps() {
-        assert_eq!(router_gap(None, 7), None);
-        assert_eq!(router_gap(Some(6), 7), None);
-        assert_eq!(router_gap(Some(6), 10), Some(3));
-        // Retained or out-of-order reads never count as loss.
-        assert_eq!(router_gap(Some(10), 4), None);
-    }
 
     #[test]
     fn recent_ids_forget_the_oldest() {

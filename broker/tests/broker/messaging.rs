@@ -436,3 +436,56 @@ async fn pipelined_packets_beyond_one_batch_are_all_handled() {
     assert_eq!(received, N, "packets lost between batches");
     broker.shutdown().await;
 }
+
+/// Reads until `n` PUBACKs and `n` PUBLISHes (acknowledged) have arrived, in any order;
+/// the payloads received.
+async fn exchange(client: &mut TestClient, n: usize) -> Vec<String> {
+    let (mut acks, mut payloads) = (0, Vec::new());
+    while acks < n || payloads.len() < n {
+        match client.recv().await {
+            Packet::PubAck(_) => acks += 1,
+            Packet::Publish(p) => {
+                client.send(Packet::PubAck(v4::PubAck::new(p.pkid))).await;
+                payloads.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            other => panic!("expected PUBACK or PUBLISH, got {other:?}"),
+        }
+    }
+    payloads
+}
+
+/// A session whose inbox is full makes its publishers wait (flow control) rather than
+/// drop anything; two sessions publishing to each other never wait on each other for
+/// ever, because a waiting session keeps draining its own inbox.
+#[tokio::test]
+async fn full_inboxes_slow_publishers_and_lose_nothing() {
+    let broker = TestBroker::start_with(|c| c.session.inbox = 1).await;
+    let mut a = broker.client("publisher", "ping").await;
+    let mut b = broker.client("subscriber", "pong").await;
+    a.subscribe("flow/to-a", QoS::AtLeastOnce).await;
+    b.subscribe("flow/to-b", QoS::AtLeastOnce).await;
+    const N: usize = 600;
+    let pipelined = |topic: &str| {
+        let mut bytes = bytes::BytesMut::new();
+        for i in 0..N {
+            let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, i.to_string());
+            p.pkid = 100 + i as u16;
+            Packet::Publish(p).write(&mut bytes, usize::MAX).unwrap();
+        }
+        bytes
+    };
+    a.send_raw(&pipelined("flow/to-b")).await;
+    b.send_raw(&pipelined("flow/to-a")).await;
+    let (to_a, to_b) = tokio::join!(exchange(&mut a, N), exchange(&mut b, N));
+    let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(to_a, expected, "lost or reordered on the way to a");
+    assert_eq!(to_b, expected, "lost or reordered on the way to b");
+    let metrics = broker.handle.as_ref().unwrap().metrics_addr().unwrap();
+    let body = scrape(metrics).await;
+    assert!(
+        value(&body, "broker_publisher_waits_total") > 0.0,
+        "no publisher waited with one-message inboxes:\n{body}"
+    );
+    assert_eq!(value(&body, "broker_dropped_messages_total"), 0.0);
+    broker.shutdown().await;
+}

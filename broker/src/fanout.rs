@@ -1,0 +1,314 @@
+//! Which sessions a published message goes to, and the hand-over from the publishing
+//! session straight into each subscriber session's inbox.
+//!
+//! Plain subscriptions are matched here rather than in rumqttd's router: a message then
+//! crosses no thread of its own (publisher session → subscriber session, one wake-up
+//! instead of three), and a full inbox slows its publisher instead of the router
+//! overwriting messages. Shared subscriptions (`$share/...`) stay in the router, which
+//! distributes them among a group's members.
+
+use crate::router::Envelope;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+
+/// A published message on its way to the subscriber sessions, shared between them.
+#[derive(Debug)]
+pub struct Delivery {
+    pub topic: String,
+    pub payload: Bytes,
+    pub envelope: Envelope,
+}
+
+/// A session's end of the hand-over: bounded, so that a session that cannot keep up
+/// (starved of CPU, not a slow client: sessions queue for their clients themselves)
+/// slows its publishers down.
+pub type Inbox = mpsc::Receiver<Arc<Delivery>>;
+pub type Outbox = mpsc::Sender<Arc<Delivery>>;
+
+/// Messages an inbox holds before publishers wait, unless configured otherwise.
+pub const INBOX: usize = 1024;
+
+pub fn inbox(capacity: usize) -> (Outbox, Inbox) {
+    mpsc::channel(capacity.max(1))
+}
+
+/// The subscription index of plain filters, and the count of shared subscriptions,
+/// which the router holds.
+#[derive(Default)]
+pub struct Fanout {
+    root: RwLock<Node>,
+    shared_subscriptions: AtomicUsize,
+}
+
+/// One topic level of the index. A `+` is a child named `+`; a `#` is held by the
+/// level above it, in `rest`.
+#[derive(Default)]
+struct Node {
+    children: HashMap<String, Node>,
+    /// Subscribers whose filter ends at this level.
+    here: HashMap<u64, Outbox>,
+    /// Subscribers whose filter is this level followed by `#`.
+    rest: HashMap<u64, Outbox>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.here.is_empty() && self.rest.is_empty()
+    }
+
+    /// Removes `session` from the filter `levels`; true when this node became empty.
+    fn remove(&mut self, levels: &[&str], session: u64) -> bool {
+        match levels {
+            [] => {
+                self.here.remove(&session);
+            }
+            ["#"] => {
+                self.rest.remove(&session);
+            }
+            [first, tail @ ..] => {
+                if let Some(child) = self.children.get_mut(*first) {
+                    if child.remove(tail, session) {
+                        self.children.remove(*first);
+                    }
+                }
+            }
+        }
+        self.is_empty()
+    }
+
+    /// Adds every subscriber matching the topic `levels` to `out`. `dollar`: the topic
+    /// begins with `$`, which wildcards at the first level never match (MQTT 4.7.2).
+    fn collect<'a>(
+        &'a self,
+        levels: &[&str],
+        first: bool,
+        dollar: bool,
+        out: &mut Vec<&'a HashMap<u64, Outbox>>,
+    ) {
+        let wildcards = !(first && dollar);
+        if wildcards && !self.rest.is_empty() {
+            out.push(&self.rest);
+        }
+        let Some((level, tail)) = levels.split_first() else {
+            if !self.here.is_empty() {
+                out.push(&self.here);
+            }
+            return;
+        };
+        if let Some(child) = self.children.get(*level) {
+            child.collect(tail, false, dollar, out);
+        }
+        if wildcards {
+            if let Some(child) = self.children.get("+") {
+                child.collect(tail, false, dollar, out);
+            }
+        }
+    }
+}
+
+/// What happened to a hand-over.
+pub enum HandOver {
+    /// Every subscriber took it (or is gone).
+    Done,
+    /// These inboxes were full: the publisher waits for room in each.
+    Wait(Vec<Outbox>),
+}
+
+impl Fanout {
+    /// `filter` is a valid filter that does not begin with `$`.
+    pub fn subscribe(&self, filter: &str, session: u64, outbox: Outbox) {
+        let mut node = &mut *self.write();
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                node.rest.insert(session, outbox);
+                return;
+            }
+            node = node.children.entry(level.to_string()).or_default();
+        }
+        node.here.insert(session, outbox);
+    }
+
+    pub fn unsubscribe(&self, filter: &str, session: u64) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.write().remove(&levels, session);
+    }
+
+    /// Offers `delivery` to every session with a matching filter, once per session.
+    /// Full inboxes are returned, for the caller to wait on.
+    pub fn hand_over(&self, delivery: &Arc<Delivery>) -> HandOver {
+        let levels: Vec<&str> = delivery.topic.split('/').collect();
+        let dollar = delivery.topic.starts_with('$');
+        let root = self.read();
+        let mut matched = Vec::new();
+        root.collect(&levels, true, dollar, &mut matched);
+        let mut targets: Vec<(&u64, &Outbox)> = matched.into_iter().flatten().collect();
+        if targets.len() > 1 {
+            // A session with overlapping filters gets one copy (MQTT 5 allows either).
+            targets.sort_unstable_by_key(|(id, _)| **id);
+            targets.dedup_by_key(|(id, _)| **id);
+        }
+        let mut full = Vec::new();
+        for (_, outbox) in targets {
+            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(delivery.clone()) {
+                full.push(outbox.clone());
+            }
+        }
+        if full.is_empty() {
+            HandOver::Done
+        } else {
+            HandOver::Wait(full)
+        }
+    }
+
+    pub fn shared_subscribed(&self) {
+        self.shared_subscriptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn shared_unsubscribed(&self) {
+        self.shared_subscriptions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether published messages must also go to the router.
+    pub fn has_shared_subscriptions(&self) -> bool {
+        self.shared_subscriptions.load(Ordering::Relaxed) > 0
+    }
+
+    // A panic while holding the lock leaves the index as consistent as any single
+    // insert or remove does: carry on with it.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Node> {
+        self.root.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Node> {
+        self.root.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            envelope: Envelope {
+                qos: 0,
+                retain: false,
+                origin: 0,
+                id: 1,
+                received_at: 0,
+                properties: None,
+            },
+        })
+    }
+
+    /// The session ids that received a message on `topic`.
+    fn receivers(fanout: &Fanout, inboxes: &mut [(u64, Inbox)], topic: &str) -> Vec<u64> {
+        assert!(matches!(fanout.hand_over(&delivery(topic)), HandOver::Done));
+        let mut got = Vec::new();
+        for (id, inbox) in inboxes.iter_mut() {
+            while let Ok(d) = inbox.try_recv() {
+                assert_eq!(d.topic, topic);
+                got.push(*id);
+            }
+        }
+        got
+    }
+
+    fn index(filters: &[&str]) -> (Fanout, Vec<(u64, Inbox)>) {
+        let fanout = Fanout::default();
+        let mut inboxes = Vec::new();
+        for (i, filter) in filters.iter().enumerate() {
+            let (tx, rx) = inbox(INBOX);
+            fanout.subscribe(filter, i as u64, tx);
+            inboxes.push((i as u64, rx));
+        }
+        (fanout, inboxes)
+    }
+
+    #[test]
+    fn wildcards_match_as_mqtt_says() {
+        let filters = [
+            "articulos/+/futbol",
+            "articulos/#",
+            "#",
+            "+/+",
+            "articulos/elpais/futbol",
+            "articulos",
+        ];
+        let (fanout, mut inboxes) = index(&filters);
+        assert_eq!(
+            receivers(&fanout, &mut inboxes, "articulos/elpais/futbol"),
+            vec![0, 1, 2, 4]
+        );
+        // `#` also matches its parent level.
+        assert_eq!(receivers(&fanout, &mut inboxes, "articulos"), vec![1, 2, 5]);
+        assert_eq!(receivers(&fanout, &mut inboxes, "a/b"), vec![2, 3]);
+        // `+` matches an empty level.
+        assert_eq!(
+            receivers(&fanout, &mut inboxes, "articulos//futbol"),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            receivers(&fanout, &mut inboxes, "articulos/elpais/tenis"),
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn first_level_wildcards_never_match_dollar_topics() {
+        let (fanout, mut inboxes) = index(&["#", "+/broker", "$SYS/#", "$SYS/+"]);
+        assert_eq!(receivers(&fanout, &mut inboxes, "$SYS/broker"), vec![2, 3]);
+    }
+
+    #[test]
+    fn overlapping_filters_give_one_copy() {
+        let fanout = Fanout::default();
+        let (tx, mut rx) = inbox(INBOX);
+        for filter in ["a/#", "a/+", "a/b", "#"] {
+            fanout.subscribe(filter, 7, tx.clone());
+        }
+        assert!(matches!(fanout.hand_over(&delivery("a/b")), HandOver::Done));
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn unsubscribe_removes_only_that_session_and_prunes() {
+        let (fanout, mut inboxes) = index(&["a/+/c", "a/+/c", "a/#"]);
+        fanout.unsubscribe("a/+/c", 0);
+        assert_eq!(receivers(&fanout, &mut inboxes, "a/b/c"), vec![1, 2]);
+        fanout.unsubscribe("a/+/c", 1);
+        fanout.unsubscribe("a/#", 2);
+        assert!(fanout.read().is_empty());
+        // Unknown filters and sessions are ignored.
+        fanout.unsubscribe("x/y", 9);
+    }
+
+    #[test]
+    fn a_full_inbox_is_reported_not_dropped() {
+        let fanout = Fanout::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        fanout.subscribe("t", 1, tx);
+        assert!(matches!(fanout.hand_over(&delivery("t")), HandOver::Done));
+        let HandOver::Wait(full) = fanout.hand_over(&delivery("t")) else {
+            panic!("a full inbox must be reported");
+        };
+        assert_eq!(full.len(), 1);
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_closed_inbox_is_skipped() {
+        let fanout = Fanout::default();
+        let (tx, rx) = inbox(INBOX);
+        fanout.subscribe("t", 1, tx);
+        drop(rx);
+        assert!(matches!(fanout.hand_over(&delivery("t")), HandOver::Done));
+    }
+}
