@@ -26,7 +26,7 @@ test:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo test --workspace
 
-# Benchmarks against Mosquitto (release build, ~20 min; `just bench --quick` for a short pass): writes docs/BENCHMARKS.md
+# Benchmarks against Mosquitto (release build, ~12 min; `just bench --quick` for a short pass): writes docs/BENCHMARKS.md
 bench *ARGS:
     cargo build --release -p broker -p bench
     ulimit -n 20000 2>/dev/null; target/release/bench all --write docs/BENCHMARKS.md {{ARGS}}

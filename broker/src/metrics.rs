@@ -65,7 +65,8 @@ impl Metrics {
             acl_denials: Family::default(),
             // 100 µs .. ~1.6 s
             handshake_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
-            delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            // 10 µs .. ~1.3 s: a hand-over between sessions takes a few µs.
+            delivery_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             cert_expiry_days: Family::default(),
             storage_bytes: Gauge::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),

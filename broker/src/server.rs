@@ -210,6 +210,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tokio::spawn(crate::sys::publish_loop(shared.clone(), stopped.clone()));
     }
     info!(addr = %local_addr, "listening for MQTT over mutual TLS");
+    if let Some(addr) = metrics_addr {
+        info!(addr = %addr, "serving Prometheus metrics on /metrics");
+    }
     reload::check_expiry(&shared.config.tls);
     tokio::spawn(reload::watch(
         Reloader::new(shared.clone()),
