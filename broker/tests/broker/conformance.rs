@@ -640,3 +640,32 @@ async fn mqtt5_4_8_2_shared_subscription_delivers_each_message_to_one_member() {
     );
     broker.shutdown().await;
 }
+
+/// Plain subscriptions are served by the edge's index and shared ones by the router:
+/// a message matching both reaches the plain subscriber and one member of the group,
+/// once each, and plain delivery goes on after the group is gone.
+#[tokio::test]
+async fn mqtt5_4_8_2_shared_and_plain_subscribers_both_receive() {
+    let broker = TestBroker::start().await;
+    let (mut member, _) = V5Client::connect(&broker, "subscriber", "member", |_, _| {}).await;
+    member
+        .subscribe(filter("$share/grupo/mix/#", Q5::AtLeastOnce), None)
+        .await;
+    let mut plain = broker.client("subscriber", "plain").await;
+    plain.subscribe("mix/#", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "p").await;
+    publ.publish("mix/a", b"both", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&member.next_publish().await.payload[..], b"both");
+    assert_eq!(&plain.next_publish().await.payload[..], b"both");
+    member.expect_no_publish().await;
+    plain.expect_no_publish().await;
+    member
+        .disconnect(m5::DisconnectReasonCode::NormalDisconnection)
+        .await;
+    publ.publish("mix/b", b"plain only", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&plain.next_publish().await.payload[..], b"plain only");
+    plain.expect_no_publish().await;
+    broker.shutdown().await;
+}
