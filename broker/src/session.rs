@@ -1650,6 +1650,13 @@ impl Session {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        // Acknowledgements queued in this batch go out with the close: what they
+        // acknowledge is handed over first, and made durable where it must be.
+        self.hand_over().await;
+        self.flush_router().await;
+        if std::mem::take(&mut self.needs_sync) && self.shared.retained.sync().await.is_err() {
+            conn.framed.discard_pending();
+        }
         if let (Some(reason), Version::V5) = (code, conn.version) {
             conn.framed.queue(Outbound::Disconnect { reason });
         }

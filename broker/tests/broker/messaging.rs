@@ -489,3 +489,35 @@ async fn full_inboxes_slow_publishers_and_lose_nothing() {
     assert_eq!(value(&body, "broker_dropped_messages_total"), 0.0);
     broker.shutdown().await;
 }
+
+/// A PUBLISH followed, in the same read, by a packet that closes the connection: if the
+/// broker acknowledged the PUBLISH, the message was delivered.
+#[tokio::test]
+async fn a_publish_acknowledged_before_a_violation_is_delivered() {
+    let broker = TestBroker::start().await;
+    let mut sub = broker.client("subscriber", "watcher").await;
+    sub.subscribe("batch/t", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "then-breaks").await;
+    let mut bytes = bytes::BytesMut::new();
+    let mut p = v4::Publish::new("batch/t", QoS::AtLeastOnce, "kept");
+    p.pkid = 7;
+    Packet::Publish(p).write(&mut bytes, usize::MAX).unwrap();
+    // A second CONNECT is a protocol violation: the broker closes the connection.
+    // (Encoded on its own: rumqttc writes a CONNECT's flags at an absolute offset.)
+    let mut connect = bytes::BytesMut::new();
+    Packet::Connect(v4::Connect::new("again"))
+        .write(&mut connect, usize::MAX)
+        .unwrap();
+    bytes.extend_from_slice(&connect);
+    publ.send_raw(&bytes).await;
+    let mut acked = false;
+    while let Some(packet) = publ.try_recv().await {
+        acked |= matches!(packet, Packet::PubAck(a) if a.pkid == 7);
+    }
+    assert!(
+        acked,
+        "the PUBLISH before the violation was not acknowledged"
+    );
+    assert_eq!(&sub.next_publish().await.payload[..], b"kept");
+    broker.shutdown().await;
+}
