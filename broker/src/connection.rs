@@ -122,9 +122,11 @@ pub async fn handle(
     }
     if let Some(will) = &info.will {
         let acl = shared.acl();
-        if !acl
-            .check_publish(&identity, &info.client_id, &will.message.topic)
-            .allowed()
+        // `$` topics are the broker's ($SYS): no client publishes there, by will either.
+        if will.message.topic.starts_with('$')
+            || !acl
+                .check_publish(&identity, &info.client_id, &will.message.topic)
+                .allowed()
         {
             shared.metrics.denied(crate::acl::Action::Publish);
             rejection = Some((

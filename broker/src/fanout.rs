@@ -109,12 +109,13 @@ impl Node {
     }
 }
 
-/// What happened to a hand-over.
-pub enum HandOver {
-    /// Every subscriber took it (or is gone).
-    Done,
-    /// These inboxes were full: the publisher waits for room in each.
-    Wait(Vec<Outbox>),
+/// What a hand-over could not finish.
+#[derive(Default)]
+pub struct HandOver {
+    /// Inboxes that were full: the publisher waits for room in each.
+    pub full: Vec<Outbox>,
+    /// Sessions that ended (closed their inbox) after matching.
+    pub ended: usize,
 }
 
 impl Fanout {
@@ -138,7 +139,7 @@ impl Fanout {
     }
 
     /// Offers `delivery` to every session with a matching filter, once per session.
-    /// Full inboxes are returned, for the caller to wait on.
+    /// Full inboxes are returned, for the caller to wait on, and ended sessions counted.
     pub fn hand_over(&self, delivery: &Arc<Delivery>) -> HandOver {
         let levels: Vec<&str> = delivery.topic.split('/').collect();
         let dollar = delivery.topic.starts_with('$');
@@ -151,17 +152,15 @@ impl Fanout {
             targets.sort_unstable_by_key(|(id, _)| **id);
             targets.dedup_by_key(|(id, _)| **id);
         }
-        let mut full = Vec::new();
+        let mut outcome = HandOver::default();
         for (_, outbox) in targets {
-            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(delivery.clone()) {
-                full.push(outbox.clone());
+            match outbox.try_send(delivery.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => outcome.full.push(outbox.clone()),
+                Err(mpsc::error::TrySendError::Closed(_)) => outcome.ended += 1,
             }
         }
-        if full.is_empty() {
-            HandOver::Done
-        } else {
-            HandOver::Wait(full)
-        }
+        outcome
     }
 
     pub fn shared_subscribed(&self) {
@@ -209,7 +208,8 @@ mod tests {
 
     /// The session ids that received a message on `topic`.
     fn receivers(fanout: &Fanout, inboxes: &mut [(u64, Inbox)], topic: &str) -> Vec<u64> {
-        assert!(matches!(fanout.hand_over(&delivery(topic)), HandOver::Done));
+        let outcome = fanout.hand_over(&delivery(topic));
+        assert!(outcome.full.is_empty() && outcome.ended == 0);
         let mut got = Vec::new();
         for (id, inbox) in inboxes.iter_mut() {
             while let Ok(d) = inbox.try_recv() {
@@ -273,7 +273,7 @@ mod tests {
         for filter in ["a/#", "a/+", "a/b", "#"] {
             fanout.subscribe(filter, 7, tx.clone());
         }
-        assert!(matches!(fanout.hand_over(&delivery("a/b")), HandOver::Done));
+        assert!(fanout.hand_over(&delivery("a/b")).full.is_empty());
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
     }
@@ -295,20 +295,18 @@ mod tests {
         let fanout = Fanout::default();
         let (tx, mut rx) = mpsc::channel(1);
         fanout.subscribe("t", 1, tx);
-        assert!(matches!(fanout.hand_over(&delivery("t")), HandOver::Done));
-        let HandOver::Wait(full) = fanout.hand_over(&delivery("t")) else {
-            panic!("a full inbox must be reported");
-        };
-        assert_eq!(full.len(), 1);
+        assert!(fanout.hand_over(&delivery("t")).full.is_empty());
+        assert_eq!(fanout.hand_over(&delivery("t")).full.len(), 1);
         assert!(rx.try_recv().is_ok());
     }
 
     #[test]
-    fn a_closed_inbox_is_skipped() {
+    fn a_closed_inbox_is_counted() {
         let fanout = Fanout::default();
         let (tx, rx) = inbox(INBOX);
         fanout.subscribe("t", 1, tx);
         drop(rx);
-        assert!(matches!(fanout.hand_over(&delivery("t")), HandOver::Done));
+        let outcome = fanout.hand_over(&delivery("t"));
+        assert_eq!((outcome.full.len(), outcome.ended), (0, 1));
     }
 }

@@ -51,7 +51,8 @@ const READ_PAUSE: usize = 4 << 20;
 const DENIAL_SUMMARY: Duration = Duration::from_secs(60);
 /// Distinct denials remembered per session for that summary.
 const DENIAL_KEYS: usize = 1024;
-/// Message ids remembered to drop the copies the router sends per overlapping filter.
+/// Message ids remembered to deliver one copy of a message that arrives twice (from the
+/// index and through a `$share` group, or once per overlapping `$share` filter).
 const RECENT_IDS: usize = 4096;
 
 /// An authenticated connection whose CONNECT was accepted, on its way to a session.
@@ -258,6 +259,20 @@ pub struct Session {
     sys: watch::Receiver<Arc<Vec<Message>>>,
     /// A will waiting for its Will Delay Interval (MQTT 5).
     pending_will: Option<(Instant, Will)>,
+}
+
+impl Drop for Session {
+    /// Normally `teardown` has emptied `subs`; after a panic this keeps the index and
+    /// the shared-subscription count true.
+    fn drop(&mut self) {
+        for (filter, sub) in self.subs.drain() {
+            match sub.place {
+                Place::Index => self.shared.fanout.unsubscribe(&filter, self.id),
+                Place::Router => self.shared.fanout.shared_unsubscribed(),
+                Place::Edge => {}
+            }
+        }
+    }
 }
 
 /// How a session begins.
@@ -655,12 +670,14 @@ impl Session {
         for (filter, sub) in subs {
             self.unplace(filter, sub.place);
         }
+        // Messages matched for the old subscriptions go with the old inbox.
+        (self.outbox, self.inbox) = crate::fanout::inbox(self.shared.config.session.inbox);
         self.inflight.clear();
         self.queue.clear();
         self.qos2_in.clear();
     }
 
-    /// Restores a saved session: subscriptions back in the router, queue refilled.
+    /// Restores a saved session: subscriptions back in place, queue refilled.
     async fn restore(&mut self, record: SessionRecord) {
         for s in record.subscriptions {
             let place = Place::of(&s.filter);
@@ -775,14 +792,25 @@ impl Session {
         if exit == Exit::Ended {
             self.expiry_secs = 0;
         }
-        self.save(true);
-        let subs: Vec<(String, Place)> = self
+        // Out of the index first, then what the inbox already holds goes into the queue,
+        // and only then is the session saved: a message handed over meanwhile is either
+        // saved or, the inbox being closed, counted as dropped by its publisher.
+        for filter in self
             .subs
             .iter()
-            .map(|(f, s)| (f.clone(), s.place))
-            .collect();
-        for (filter, place) in subs {
-            self.unplace(filter, place);
+            .filter(|(_, s)| s.place == Place::Index)
+            .map(|(f, _)| f)
+        {
+            self.shared.fanout.unsubscribe(filter, self.id);
+        }
+        self.inbox.close();
+        while let Ok(delivery) = self.inbox.try_recv() {
+            self.accept(&delivery);
+        }
+        self.save(true);
+        let subs: Vec<(String, Subscription)> = self.subs.drain().collect();
+        for (filter, sub) in subs {
+            self.unplace(filter, sub.place);
         }
         self.flush_router().await;
         let disconnect = RouterPacket::Disconnect(
@@ -892,10 +920,16 @@ impl Session {
                 self.qos2_in.remove(&pkid);
                 self.send(Outbound::PubComp { pkid });
             }
+            // Messages published earlier in this batch are handed over first, so a
+            // subscription change applies only to what follows it.
             Inbound::Subscribe { pkid, filters, id } => {
+                self.hand_over().await;
                 Box::pin(self.on_subscribe(pkid, filters, id)).await
             }
-            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters),
+            Inbound::Unsubscribe { pkid, filters } => {
+                self.hand_over().await;
+                self.on_unsubscribe(pkid, filters)
+            }
             Inbound::PingReq => {
                 self.send(Outbound::PingResp);
             }
@@ -1063,11 +1097,13 @@ impl Session {
             return;
         }
         for delivery in std::mem::take(&mut self.deliveries) {
-            if let HandOver::Wait(full) = self.shared.fanout.hand_over(&delivery) {
-                for outbox in full {
-                    self.shared.metrics.publisher_waits.inc();
-                    self.wait_for_room(&outbox, delivery.clone()).await;
-                }
+            let HandOver { full, ended } = self.shared.fanout.hand_over(&delivery);
+            for _ in 0..ended {
+                self.lost_to_ended_session(&delivery.topic);
+            }
+            for outbox in full {
+                self.shared.metrics.publisher_waits.inc();
+                self.wait_for_room(&outbox, delivery.clone()).await;
             }
         }
         // The subscriber sessions just woken run first, on this thread, and write to
@@ -1076,12 +1112,15 @@ impl Session {
     }
 
     async fn wait_for_room(&mut self, outbox: &Outbox, delivery: Arc<Delivery>) {
+        // One reservation for the whole wait: made again, it would lose its place in line.
+        let reserve = outbox.reserve();
+        tokio::pin!(reserve);
         loop {
             tokio::select! {
-                permit = outbox.reserve() => {
-                    // An error: that session is gone.
-                    if let Ok(permit) = permit {
-                        permit.send(delivery);
+                permit = &mut reserve => {
+                    match permit {
+                        Ok(permit) => permit.send(delivery),
+                        Err(_) => self.lost_to_ended_session(&delivery.topic),
                     }
                     return;
                 }
@@ -1090,6 +1129,14 @@ impl Session {
                 Some(incoming) = self.inbox.recv() => self.accept(&incoming),
             }
         }
+    }
+
+    /// A subscriber session ended between matching and taking the message (at
+    /// shutdown): counted and logged, never silent.
+    fn lost_to_ended_session(&mut self, topic: &str) {
+        self.shared.metrics.dropped.inc();
+        warn!(identity = %self.key.identity, client_id = %self.key.client_id, topic = %topic,
+            "message dropped: a subscriber's session ended before taking it");
     }
 
     /// Takes messages from the inbox, the first one and what else is there.
@@ -1220,7 +1267,18 @@ impl Session {
         }
         // The subscription is in place before the retained snapshot is taken, so a
         // message published meanwhile arrives live if it is not in the snapshot.
-        self.flush_router().await;
+        if !self.flush_router().await {
+            if let Some(c) = &mut self.conn {
+                c.framed.discard_pending();
+            }
+            self.close(
+                Some(reason::UNSPECIFIED),
+                "router unavailable: nothing acknowledged",
+                true,
+            )
+            .await;
+            return;
+        }
         for (filter, granted) in wanted_retained {
             for mut message in self.shared.retained.matching(&filter) {
                 message.qos = message.qos.min(granted);
@@ -1653,8 +1711,10 @@ impl Session {
         // Acknowledgements queued in this batch go out with the close: what they
         // acknowledge is handed over first, and made durable where it must be.
         self.hand_over().await;
-        self.flush_router().await;
-        if std::mem::take(&mut self.needs_sync) && self.shared.retained.sync().await.is_err() {
+        let routed = self.flush_router().await;
+        let synced =
+            !std::mem::take(&mut self.needs_sync) || self.shared.retained.sync().await.is_ok();
+        if !routed || !synced {
             conn.framed.discard_pending();
         }
         if let (Some(reason), Version::V5) = (code, conn.version) {

@@ -240,3 +240,33 @@ async fn rules_reload_from_disk_on_live_connections() {
     observer.expect_no_publish().await;
     broker.shutdown().await;
 }
+
+/// A retained will on a `$SYS` topic would let a client forge the broker's own values.
+#[tokio::test]
+async fn will_to_a_dollar_topic_is_refused_even_without_rules() {
+    let broker = TestBroker::start().await;
+    let mut c = broker
+        .tls(Some(&broker.pki.client("publisher")))
+        .await
+        .unwrap();
+    let mut connect = v4::Connect::new("forger");
+    connect.last_will = Some(v4::LastWill::new(
+        "$SYS/broker/version",
+        "forged",
+        QoS::AtMostOnce,
+        true,
+    ));
+    c.send(Packet::Connect(connect)).await;
+    match c.recv().await {
+        Packet::ConnAck(ack) => assert_eq!(ack.code, v4::ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c.expect_closed().await;
+    wait_for_log(&[
+        "connection refused",
+        "will topic $SYS/broker/version",
+        &c.local.to_string(),
+    ])
+    .await;
+    broker.shutdown().await;
+}

@@ -521,3 +521,33 @@ async fn a_publish_acknowledged_before_a_violation_is_delivered() {
     assert_eq!(&sub.next_publish().await.payload[..], b"kept");
     broker.shutdown().await;
 }
+
+/// Packets of one read take effect in order: a PUBLISH before a SUBSCRIBE in the same
+/// write is not delivered to the new subscription.
+#[tokio::test]
+async fn a_subscribe_applies_only_to_what_is_published_after_it() {
+    let broker = TestBroker::start().await;
+    let mut client = broker.client("subscriber", "in-order").await;
+    let mut bytes = bytes::BytesMut::new();
+    Packet::Publish(v4::Publish::new("order/t", QoS::AtMostOnce, "before"))
+        .write(&mut bytes, usize::MAX)
+        .unwrap();
+    let mut subscribe = bytes::BytesMut::new();
+    let mut sub = v4::Subscribe::new("order/t", QoS::AtMostOnce);
+    sub.pkid = 1;
+    Packet::Subscribe(sub)
+        .write(&mut subscribe, usize::MAX)
+        .unwrap();
+    bytes.extend_from_slice(&subscribe);
+    client.send_raw(&bytes).await;
+    match client.recv().await {
+        Packet::SubAck(_) => {}
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    client.expect_no_publish().await;
+    client
+        .publish("order/t", b"after", QoS::AtMostOnce, false)
+        .await;
+    assert_eq!(&client.next_publish().await.payload[..], b"after");
+    broker.shutdown().await;
+}
