@@ -260,11 +260,13 @@ fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionId, SessionRecor
         };
         let id = shared.next_id();
         let rx = shared.registry.register(key.clone(), id);
+        // In the index now, before the listener opens, rather than when the task runs.
+        let (outbox, inbox) = session::restored(shared, id, &record);
         tokio::spawn(session::run(
             shared.clone(),
             key,
             id,
-            Start::Restored(record),
+            Start::Restored(record, outbox, inbox),
             rx,
         ));
     }

@@ -278,8 +278,9 @@ impl Drop for Session {
 /// How a session begins.
 pub enum Start {
     Client(Box<Client>),
-    /// Saved before the last stop; starts offline.
-    Restored(SessionRecord),
+    /// Saved before the last stop; starts offline, its plain subscriptions already in
+    /// the index (see [`restored`]).
+    Restored(SessionRecord, Outbox, Inbox),
 }
 
 /// What the shutdown drain took in.
@@ -304,7 +305,17 @@ pub async fn run(
     ctrl: mpsc::UnboundedReceiver<Control>,
 ) {
     let sys = shared.sys.subscribe();
-    let (outbox, inbox) = crate::fanout::inbox(shared.config.session.inbox);
+    let (mut client, mut restored) = (None, None);
+    let (outbox, inbox) = match start {
+        Start::Client(c) => {
+            client = Some(c);
+            crate::fanout::inbox(shared.config.session.inbox)
+        }
+        Start::Restored(record, outbox, inbox) => {
+            restored = Some(record);
+            (outbox, inbox)
+        }
+    };
     let mut session = Session {
         sys,
         pending_will: None,
@@ -334,9 +345,10 @@ pub async fn run(
         dropped: 0,
         conn: None,
     };
-    match start {
-        Start::Client(client) => session.attach(client, true).await,
-        Start::Restored(record) => session.restore(record).await,
+    if let Some(client) = client {
+        session.attach(client, true).await;
+    } else if let Some(record) = restored {
+        session.restore(record).await;
     }
     let exit = 'serving: loop {
         if session.serve().await == Exit::Shutdown {
@@ -375,6 +387,19 @@ pub async fn run(
             }
         }
     }
+}
+
+/// A saved session's plain subscriptions, placed in the index before the listener opens
+/// so that nothing published after a restart misses them; the inbox they feed, for
+/// [`Start::Restored`].
+pub fn restored(shared: &Shared, id: u64, record: &SessionRecord) -> (Outbox, Inbox) {
+    let (outbox, inbox) = crate::fanout::inbox(shared.config.session.inbox);
+    for s in &record.subscriptions {
+        if Place::of(&s.filter) == Place::Index {
+            shared.fanout.subscribe(&s.filter, id, outbox.clone());
+        }
+    }
+    (outbox, inbox)
 }
 
 /// A QoS 0 subscription in the router: QoS and retained messages are the edge's.
