@@ -484,7 +484,7 @@ impl Session {
                     Some(Control::Revoked(serials)) => Box::pin(self.close_if_revoked(&serials)).await,
                     Some(Control::Shutdown) | None => {
                         self.disconnect(reason::SERVER_SHUTTING_DOWN, "broker shutting down", false).await;
-                        Box::pin(self.drain_link()).await;
+                        Box::pin(self.drain_at_shutdown()).await;
                         return Exit::Shutdown;
                     }
                 },
@@ -550,7 +550,7 @@ impl Session {
 
     /// At shutdown: takes in what the inbox and the router still hold for this session
     /// (messages acknowledged to their publishers a moment ago), so it can be saved.
-    async fn drain_link(&mut self) {
+    async fn drain_at_shutdown(&mut self) {
         let deadline = Instant::now() + DRAIN_MAX;
         while Instant::now() < deadline {
             let (link, inbox) = (&mut self.link_rx, &mut self.inbox);
@@ -1293,15 +1293,7 @@ impl Session {
         // The subscription is in place before the retained snapshot is taken, so a
         // message published meanwhile arrives live if it is not in the snapshot.
         if !self.flush_router().await {
-            if let Some(c) = &mut self.conn {
-                c.framed.discard_pending();
-            }
-            self.close(
-                Some(reason::UNSPECIFIED),
-                "router unavailable: nothing acknowledged",
-                true,
-            )
-            .await;
+            self.router_failed().await;
             return;
         }
         for (filter, granted) in wanted_retained {
@@ -1664,18 +1656,23 @@ impl Session {
         true
     }
 
+    /// The router refused this batch: nothing in it is acknowledged, the client resends.
+    async fn router_failed(&mut self) {
+        if let Some(c) = &mut self.conn {
+            c.framed.discard_pending();
+        }
+        self.close(
+            Some(reason::UNSPECIFIED),
+            "router unavailable: nothing acknowledged",
+            true,
+        )
+        .await;
+    }
+
     async fn flush(&mut self) {
         self.hand_over().await;
         if !self.flush_router().await {
-            if let Some(c) = &mut self.conn {
-                c.framed.discard_pending();
-            }
-            self.close(
-                Some(reason::UNSPECIFIED),
-                "router unavailable: nothing acknowledged",
-                true,
-            )
-            .await;
+            self.router_failed().await;
             return;
         }
         if std::mem::take(&mut self.needs_sync) {

@@ -126,20 +126,15 @@ async fn identity_and_client_id_substitution() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn will_to_a_forbidden_topic_is_refused_with_not_authorized() {
-    let (broker, _) = TestBroker::start_from_file(RULES).await;
+/// Connects as `identity` with a will on `topic` (retained or not) and asserts the
+/// CONNACK refuses it as not authorized, with one WARN line naming the will topic.
+async fn assert_will_refused(broker: &TestBroker, identity: &str, topic: &str, retain: bool) {
     let mut c = broker
-        .tls(Some(&broker.pki.client("subscriber")))
+        .tls(Some(&broker.pki.client(identity)))
         .await
         .unwrap();
-    let mut connect = v4::Connect::new("will-sub");
-    connect.last_will = Some(v4::LastWill::new(
-        "articulos/will",
-        "x",
-        QoS::AtMostOnce,
-        false,
-    ));
+    let mut connect = v4::Connect::new("will-refused");
+    connect.last_will = Some(v4::LastWill::new(topic, "x", QoS::AtMostOnce, retain));
     c.send(Packet::Connect(connect)).await;
     match c.recv().await {
         Packet::ConnAck(ack) => assert_eq!(ack.code, v4::ConnectReturnCode::NotAuthorized),
@@ -148,10 +143,16 @@ async fn will_to_a_forbidden_topic_is_refused_with_not_authorized() {
     c.expect_closed().await;
     wait_for_log(&[
         "connection refused",
-        "not authorized: will topic",
+        &format!("not authorized: will topic {topic}"),
         &c.local.to_string(),
     ])
     .await;
+}
+
+#[tokio::test]
+async fn will_to_a_forbidden_topic_is_refused_with_not_authorized() {
+    let (broker, _) = TestBroker::start_from_file(RULES).await;
+    assert_will_refused(&broker, "subscriber", "articulos/will", false).await;
     broker.shutdown().await;
 }
 
@@ -245,28 +246,6 @@ async fn rules_reload_from_disk_on_live_connections() {
 #[tokio::test]
 async fn will_to_a_dollar_topic_is_refused_even_without_rules() {
     let broker = TestBroker::start().await;
-    let mut c = broker
-        .tls(Some(&broker.pki.client("publisher")))
-        .await
-        .unwrap();
-    let mut connect = v4::Connect::new("forger");
-    connect.last_will = Some(v4::LastWill::new(
-        "$SYS/broker/version",
-        "forged",
-        QoS::AtMostOnce,
-        true,
-    ));
-    c.send(Packet::Connect(connect)).await;
-    match c.recv().await {
-        Packet::ConnAck(ack) => assert_eq!(ack.code, v4::ConnectReturnCode::NotAuthorized),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    c.expect_closed().await;
-    wait_for_log(&[
-        "connection refused",
-        "will topic $SYS/broker/version",
-        &c.local.to_string(),
-    ])
-    .await;
+    assert_will_refused(&broker, "publisher", "$SYS/broker/version", true).await;
     broker.shutdown().await;
 }
