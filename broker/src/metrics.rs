@@ -23,6 +23,9 @@ pub struct Metrics {
     refusals: Family<Labels, Counter>,
     messages_received: Family<Labels, Counter>,
     messages_sent: Family<Labels, Counter>,
+    /// The families' counters per QoS, looked up once: they are counted per message.
+    received_by_qos: [Counter; 3],
+    sent_by_qos: [Counter; 3],
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub retained: Gauge,
@@ -48,12 +51,19 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("broker");
+        let messages_received = Family::<Labels, Counter>::default();
+        let messages_sent = Family::<Labels, Counter>::default();
+        let by_qos = |family: &Family<Labels, Counter>| {
+            [0, 1, 2].map(|q| family.get_or_create(&label("qos", qos_name(q))).clone())
+        };
         let m = Self {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             refusals: Family::default(),
-            messages_received: Family::default(),
-            messages_sent: Family::default(),
+            received_by_qos: by_qos(&messages_received),
+            sent_by_qos: by_qos(&messages_sent),
+            messages_received,
+            messages_sent,
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
             retained: Gauge::default(),
@@ -178,15 +188,11 @@ impl Metrics {
     }
 
     pub fn received(&self, qos: u8) {
-        self.messages_received
-            .get_or_create(&label("qos", qos_name(qos)))
-            .inc();
+        self.received_by_qos[usize::from(qos.min(2))].inc();
     }
 
     pub fn sent(&self, qos: u8) {
-        self.messages_sent
-            .get_or_create(&label("qos", qos_name(qos)))
-            .inc();
+        self.sent_by_qos[usize::from(qos.min(2))].inc();
     }
 
     pub fn denied(&self, action: crate::acl::Action) {
@@ -207,23 +213,11 @@ impl Metrics {
 
     /// Totals for `$SYS`.
     pub fn messages_received_total(&self) -> u64 {
-        (0..=2)
-            .map(|q| {
-                self.messages_received
-                    .get_or_create(&label("qos", qos_name(q)))
-                    .get()
-            })
-            .sum()
+        self.received_by_qos.iter().map(Counter::get).sum()
     }
 
     pub fn messages_sent_total(&self) -> u64 {
-        (0..=2)
-            .map(|q| {
-                self.messages_sent
-                    .get_or_create(&label("qos", qos_name(q)))
-                    .get()
-            })
-            .sum()
+        self.sent_by_qos.iter().map(Counter::get).sum()
     }
 
     /// The Prometheus text exposition.

@@ -24,6 +24,7 @@ async fn metrics_count_a_known_sequence() {
         .await
         .unwrap();
     sub.connect("m-sub", true, 30).await;
+    sub.subscribe("articulos/+/futbol", QoS::AtLeastOnce).await;
     let refused = broker.tls(None).await;
     if let Ok(mut c) = refused {
         let _ = c.try_recv().await;
@@ -37,6 +38,9 @@ async fn metrics_count_a_known_sequence() {
             false,
         )
         .await;
+    }
+    for _ in 0..10 {
+        sub.next_publish().await;
     }
     assert_eq!(
         publ.subscribe("articulos/#", QoS::AtMostOnce).await,
@@ -53,6 +57,11 @@ async fn metrics_count_a_known_sequence() {
     );
     assert_eq!(
         value(&body, r#"broker_messages_received_total{qos="1"}"#),
+        10.0,
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, r#"broker_messages_sent_total{qos="1"}"#),
         10.0,
         "{body}"
     );
