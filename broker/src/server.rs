@@ -87,9 +87,10 @@ impl Shared {
         m.connections.set(open as i64);
         m.retained.set(self.retained.len() as i64);
         m.storage_bytes.set(self.store.size_on_disk() as i64);
-        for path in [&self.config.tls.ca_file, &self.config.tls.cert_file] {
-            if let Some(days) = crate::tls::days_until_expiry(path) {
-                m.set_certificate_expiry(&path.display().to_string(), days);
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for (file, not_after) in &tls.expiry {
+            if let Some(days) = crate::tls::days_until(*not_after) {
+                m.set_certificate_expiry(file, days);
             }
         }
     }

@@ -39,6 +39,9 @@ fn file_error(path: &Path, reason: impl ToString) -> TlsError {
 pub struct TlsMaterial {
     pub acceptor: TlsAcceptor,
     pub revoked: HashSet<Vec<u8>>,
+    /// (file, its certificate's notAfter in seconds since the epoch), read at load so
+    /// that the expiry gauges never read files on a runtime worker.
+    pub expiry: Vec<(String, i64)>,
 }
 
 /// Loads everything from the configured files. Requires a client certificate signed by
@@ -89,9 +92,14 @@ pub fn load(config: &TlsConfig) -> Result<TlsMaterial, TlsError> {
             format!("certificate and key do not match: {e}"),
         )
     })?;
+    let expiry = [&config.ca_file, &config.cert_file]
+        .into_iter()
+        .filter_map(|path| Some((path.display().to_string(), not_after(path)?)))
+        .collect();
     Ok(TlsMaterial {
         acceptor: TlsAcceptor::from(Arc::new(server)),
         revoked,
+        expiry,
     })
 }
 
@@ -219,15 +227,24 @@ pub fn crl_days_until_next_update(path: &Path) -> Option<f64> {
 
 /// Days until the first certificate in `path` expires (negative once expired).
 pub fn days_until_expiry(path: &Path) -> Option<f64> {
-    let pem = std::fs::read(path).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    let not_after = cert.validity().not_after.timestamp();
+    days_until(not_after(path)?)
+}
+
+/// Days from now until `not_after` (seconds since the epoch); negative once past.
+pub fn days_until(not_after: i64) -> Option<f64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
         .as_secs() as i64;
     Some((not_after - now) as f64 / 86_400.0)
+}
+
+/// The notAfter of the first certificate in a PEM file.
+fn not_after(path: &Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// The client's identity: the CN of its certificate.
