@@ -378,6 +378,9 @@ mod tests {
         let path = write(dir.path(), "[log]\nlevel = \"loud!!\"\n");
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
+        let path = write(dir.path(), "[session]\ninbox = 0\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("session.inbox"), "{err}");
     }
 
     #[test]
