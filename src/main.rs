@@ -3,9 +3,9 @@
 //! Docker. Certificates are created on first run; Ctrl-C stops all three cleanly.
 
 use anyhow::Context;
-use broker::config::Config;
 use broker::logging::{self, Stdout};
 use broker::pki::Layout;
+use broker::Config;
 use clap::Parser;
 use clients::cli::{parse_seconds, shutdown_signal};
 use clients::{

@@ -1,9 +1,16 @@
 //! `broker.toml`, environment overrides (`BROKER__SECTION__KEY`) and validation.
+//!
+//! A leaf: every part of the broker reads its settings from here, and this module
+//! imports none of them.
 
+use mqtt_common::topic;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Messages a session's inbox holds before publishers wait, unless configured otherwise.
+pub(crate) const DEFAULT_INBOX: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,7 +41,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     /// `[[acl]]` rules; none at all lets every authenticated identity do everything.
-    pub acl: Vec<crate::acl::AclRule>,
+    pub acl: Vec<AclRule>,
     /// The file this was read from, re-read to reload the ACL.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -85,7 +92,54 @@ pub struct SessionConfig {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// A damaged store: `quarantine` (move it aside, start empty) or `fail`.
-    pub on_corruption: crate::store::OnCorruption,
+    pub on_corruption: OnCorruption,
+}
+
+/// What to do with a store that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorruption {
+    /// Move it aside, log where, and start empty.
+    #[default]
+    Quarantine,
+    /// Refuse to start.
+    Fail,
+}
+
+/// One `[[acl]]` rule: what an identity may publish to and subscribe to.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// Certificate CN, or `*` for any identity.
+    pub identity: String,
+    /// Topic patterns it may publish to (`%u` identity, `%c` client id).
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic patterns it may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// Checks every rule; the error names the rule and the pattern (`acl[0].publish[1]`).
+pub(crate) fn check_acl_rules(rules: &[AclRule]) -> Result<(), String> {
+    for (i, rule) in rules.iter().enumerate() {
+        if rule.identity.is_empty() {
+            return Err(format!(
+                "acl[{i}].identity: must be a certificate CN or \"*\""
+            ));
+        }
+        for (key, patterns) in [("publish", &rule.publish), ("subscribe", &rule.subscribe)] {
+            for (j, p) in patterns.iter().enumerate() {
+                let sample = p.replace("%u", "u").replace("%c", "c");
+                if !topic::valid_filter(&sample) {
+                    return Err(format!(
+                        "acl[{i}].{key}[{j}]: `{p}` is not a valid topic pattern"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,7 +218,7 @@ impl Default for SessionConfig {
             max_inflight: 100,
             max_queued: 10_000,
             max_keepalive_secs: 3600,
-            inbox: crate::fanout::INBOX,
+            inbox: DEFAULT_INBOX,
         }
     }
 }
@@ -173,7 +227,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: "data".into(),
-            on_corruption: crate::store::OnCorruption::Quarantine,
+            on_corruption: OnCorruption::Quarantine,
         }
     }
 }
@@ -189,10 +243,10 @@ impl Default for LogConfig {
 }
 
 impl ListenerConfig {
-    pub fn handshake_timeout(&self) -> Duration {
+    pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
     }
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
     }
 }
@@ -263,7 +317,7 @@ impl Config {
         if self.session.inbox == 0 {
             return bad("session.inbox", "must be at least 1");
         }
-        if let Err(problem) = crate::acl::Acl::new(self.acl.clone()) {
+        if let Err(problem) = check_acl_rules(&self.acl) {
             return Err(ConfigError::Acl {
                 path: path.into(),
                 problem,
@@ -279,7 +333,7 @@ impl Config {
     }
 
     /// Makes every relative path relative to `base` (the config file's folder).
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         for p in [
             &mut self.tls.ca_file,
             &mut self.tls.cert_file,

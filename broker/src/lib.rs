@@ -1,30 +1,33 @@
 //! A secure MQTT broker behind our own mutual-TLS edge, with rumqttd's router for
-//! shared subscriptions.
+//! shared subscriptions. See docs/ARCHITECTURE.md for the layers and the tasks.
 //!
-//! `server` accepts sockets; `connection` does the TLS handshake and reads CONNECT;
-//! `session` owns a client's state; `fanout` hands published messages from session to
-//! session; `router` wraps rumqttd. See docs/ARCHITECTURE.md.
+//! The public API is what the `broker` binary, the one-process stack, the tests and
+//! the benchmarks use: start a broker from a [`Config`], stop it through its
+//! [`Handle`], reload it, and the development PKI, ACL and logging helpers.
+#![warn(unreachable_pub)]
 
-pub mod acl;
-pub mod codec;
-pub mod config;
-pub mod connection;
-pub mod fanout;
-pub mod logging;
-pub mod metrics;
-pub mod pki;
-pub mod refusal;
-pub mod registry;
-pub mod reload;
-pub mod retained;
-pub mod router;
-pub mod server;
-pub mod session;
-pub mod store;
-pub mod sys;
-pub mod tls;
-pub mod topic;
+mod config;
+mod edge;
+mod ids;
+mod message;
+mod operations;
+mod protocol;
+mod routing;
+mod security;
+mod server;
+mod session;
+mod shared;
+mod store;
+mod telemetry;
 
-pub use config::Config;
-pub use reload::Reloader;
+pub use config::{
+    AclRule, Config, ConfigError, ListenerConfig, LogConfig, LogFormat, MetricsConfig,
+    OnCorruption, SessionConfig, StorageConfig, TlsConfig,
+};
+pub use operations::endpoint::EndpointError;
+pub use operations::reload::Reloader;
+pub use security::tls::TlsError;
+pub use security::{acl, pki};
 pub use server::{start, Handle, StartError};
+pub use store::StoreError;
+pub use telemetry::logging;

@@ -1,7 +1,7 @@
 //! `broker`: runs the MQTT broker, or manages its development PKI.
 
 use anyhow::Context;
-use broker::{config::Config, logging, pki};
+use broker::{logging, pki, Config};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -260,14 +260,6 @@ async fn reload_on_sighup(reloader: broker::Reloader) {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    mqtt_common::signal::shutdown_signal().await;
     tracing::info!("signal received: shutting down");
 }

@@ -75,46 +75,8 @@ pub fn init_logging(to_stderr: bool) {
 /// Completes on Ctrl-C (or SIGTERM). Shutdown is bounded (the publisher waits at most
 /// its drain timeout for acknowledgements), so no second signal is needed.
 pub async fn shutdown_signal() {
-    wait_for_signal().await;
+    mqtt_common::signal::shutdown_signal().await;
     tracing::info!("stopping");
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                None
-            }
-        };
-        let sigterm = async {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => {
-                if let Err(e) = r {
-                    tracing::warn!("cannot listen for Ctrl-C: {e}");
-                    std::future::pending::<()>().await;
-                }
-            }
-            () = sigterm => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// Parses a positive number of seconds, fractions allowed (`5`, `0.5`, `2.25`).

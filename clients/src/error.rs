@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::article::ArticleError;
+use crate::source::ArticleError;
 use crate::tls::TlsError;
 use crate::topic::TopicError;
 

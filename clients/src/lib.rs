@@ -51,15 +51,17 @@ pub mod dedupe;
 pub mod error;
 pub mod payload;
 pub mod publisher;
+pub mod source;
 pub mod subscriber;
 pub mod tls;
 pub mod topic;
 
-pub use article::{Article, ArticleError, ArticleSource};
+pub use article::Article;
 pub use backoff::{Backoff, BackoffPolicy};
 pub use connection::{default_publisher_id, default_subscriber_id, ClientEvent, ConnectionOptions};
 pub use error::ClientError;
 pub use payload::Payload;
 pub use publisher::{run_publisher, PublisherOptions, PublisherReport};
+pub use source::{ArticleError, ArticleSource};
 pub use subscriber::{run_subscriber, stdout_sink, Received, SubscriberOptions, SubscriberReport};
 pub use tls::TlsError;

@@ -11,12 +11,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::article::{now_rfc3339, Article, ArticleSource};
+use crate::article::{now_rfc3339, Article};
 use crate::backoff::Backoff;
 use crate::connection::{
     describe_connection_error, emit, log_failure, ClientEvent, ConnectionOptions, Session,
 };
 use crate::error::ClientError;
+use crate::source::ArticleSource;
 
 /// Articles submitted to rumqttc but not yet acknowledged, per connection.
 const WINDOW: usize = 32;

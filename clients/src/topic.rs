@@ -56,26 +56,16 @@ pub fn parse_article_topic(topic: &str) -> Option<(&str, &str)> {
     Some((newspaper, section))
 }
 
-/// Checks an MQTT subscription filter (wildcards allowed, whole levels only).
+/// Checks an MQTT subscription filter (wildcards allowed, whole levels only), by the
+/// rules the broker applies.
 pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
     if filter.is_empty() {
         return Err(TopicError::Empty {
             what: "topic filter",
         });
     }
-    let invalid = || TopicError::InvalidFilter(filter.to_owned());
-    if filter.contains('\0') {
-        return Err(invalid());
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    for (i, level) in levels.iter().enumerate() {
-        let is_last = i + 1 == levels.len();
-        if level.contains('#') && (*level != "#" || !is_last) {
-            return Err(invalid());
-        }
-        if level.contains('+') && *level != "+" {
-            return Err(invalid());
-        }
+    if !mqtt_common::topic::valid_plain_filter(filter) {
+        return Err(TopicError::InvalidFilter(filter.to_owned()));
     }
     Ok(())
 }

@@ -164,7 +164,7 @@ pub fn config_text(pki: &TestPki, extra: &str) -> String {
 }
 
 /// The `[[acl]]` rules of the shipped broker.toml.
-pub fn shipped_acl() -> Vec<broker::acl::AclRule> {
+pub fn shipped_acl() -> Vec<broker::AclRule> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker.toml");
     Config::load(&path).unwrap().acl
 }

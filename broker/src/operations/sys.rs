@@ -1,8 +1,9 @@
 //! `$SYS` topics, named as Mosquitto names them where the meaning is the same,
 //! published every `sys_interval_secs` as retained messages (in memory only).
 
-use crate::codec::Message;
-use crate::server::Shared;
+use super::gauges::refresh_gauges;
+use crate::message::Message;
+use crate::shared::Shared;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use tokio::sync::watch;
 const LOAD_WINDOW: Duration = Duration::from_secs(60);
 
 /// Publishes `$SYS` values until `stopped` changes.
-pub async fn publish_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+pub(crate) async fn publish_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    // Started with the broker, before its listener opens.
+    let started = Instant::now();
     let interval = Duration::from_secs(shared.config.metrics.sys_interval_secs);
     let mut samples: VecDeque<(Instant, u64, u64)> = VecDeque::new();
     loop {
@@ -39,7 +42,7 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool
         };
         let load_received = per_minute(|s| s.1);
         let load_sent = per_minute(|s| s.2);
-        let messages = snapshot(&shared, load_received, load_sent);
+        let messages = snapshot(&shared, started, load_received, load_sent);
         for m in &messages {
             shared.retained.set_volatile(m);
         }
@@ -51,8 +54,8 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool
     }
 }
 
-fn snapshot(shared: &Shared, load_received: f64, load_sent: f64) -> Vec<Message> {
-    shared.refresh_gauges();
+fn snapshot(shared: &Shared, started: Instant, load_received: f64, load_sent: f64) -> Vec<Message> {
+    refresh_gauges(shared);
     let m = &shared.metrics;
     let online = m.session_state("online").get();
     let offline = m.session_state("offline").get();
@@ -61,10 +64,7 @@ fn snapshot(shared: &Shared, load_received: f64, load_sent: f64) -> Vec<Message>
             "version",
             format!("mqtt-stack broker {}", env!("CARGO_PKG_VERSION")),
         ),
-        (
-            "uptime",
-            format!("{} seconds", shared.started.elapsed().as_secs()),
-        ),
+        ("uptime", format!("{} seconds", started.elapsed().as_secs())),
         ("clients/connected", online.to_string()),
         ("clients/disconnected", offline.to_string()),
         ("clients/total", (online + offline).to_string()),

@@ -1,6 +1,8 @@
-//! Prometheus metrics: one registry per broker, served as text at `/metrics`.
+//! Prometheus metrics: one registry per broker, rendered as text for `/metrics`
+//! (served by `operations::endpoint`).
 
-use crate::refusal::Refusal;
+use crate::security::acl::Action;
+use crate::security::refusal::Refusal;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,30 +18,31 @@ fn label(key: &str, value: &str) -> Labels {
 }
 
 /// Everything the broker counts. Cloning a metric shares it.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub connections: Gauge,
-    pub connections_total: Counter,
+    pub(crate) connections: Gauge,
+    pub(crate) connections_total: Counter,
     refusals: Family<Labels, Counter>,
+    closes: Family<Labels, Counter>,
     messages_received: Family<Labels, Counter>,
     messages_sent: Family<Labels, Counter>,
     /// The families' counters per QoS, looked up once: they are counted per message.
     received_by_qos: [Counter; 3],
     sent_by_qos: [Counter; 3],
-    pub bytes_received: Counter,
-    pub bytes_sent: Counter,
-    pub retained: Gauge,
+    pub(crate) bytes_received: Counter,
+    pub(crate) bytes_sent: Counter,
+    pub(crate) retained: Gauge,
     sessions: Family<Labels, Gauge>,
-    pub queued: Gauge,
-    pub dropped: Counter,
-    pub publisher_waits: Counter,
-    pub subscriptions: Gauge,
+    pub(crate) queued: Gauge,
+    pub(crate) dropped: Counter,
+    pub(crate) publisher_waits: Counter,
+    pub(crate) subscriptions: Gauge,
     acl_denials: Family<Labels, Counter>,
-    pub handshake_seconds: Histogram,
-    pub delivery_seconds: Histogram,
+    pub(crate) handshake_seconds: Histogram,
+    pub(crate) delivery_seconds: Histogram,
     cert_expiry_days: Family<Labels, Gauge<f64, AtomicU64>>,
-    pub storage_bytes: Gauge,
-    pub flush_seconds: Histogram,
+    pub(crate) storage_bytes: Gauge,
+    pub(crate) flush_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -49,7 +52,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("broker");
         let messages_received = Family::<Labels, Counter>::default();
         let messages_sent = Family::<Labels, Counter>::default();
@@ -60,6 +63,7 @@ impl Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             refusals: Family::default(),
+            closes: Family::default(),
             received_by_qos: by_qos(&messages_received),
             sent_by_qos: by_qos(&messages_sent),
             messages_received,
@@ -97,6 +101,11 @@ impl Metrics {
             "refusals",
             "Connections refused, by reason",
             m.refusals.clone(),
+        );
+        r.register(
+            "disconnections",
+            "Connections closed after their CONNECT was accepted, by reason",
+            m.closes.clone(),
         );
         r.register(
             "messages_received",
@@ -181,47 +190,52 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    pub fn refused(&self, why: &Refusal) {
+    pub(crate) fn refused(&self, why: &Refusal) {
         self.refusals
             .get_or_create(&label("reason", why.metric_label()))
             .inc();
     }
 
-    pub fn received(&self, qos: u8) {
+    /// A connection of an accepted client closed, for `reason` (see `session::close`).
+    pub(crate) fn closed(&self, reason: &'static str) {
+        self.closes.get_or_create(&label("reason", reason)).inc();
+    }
+
+    pub(crate) fn received(&self, qos: u8) {
         self.received_by_qos[usize::from(qos.min(2))].inc();
     }
 
-    pub fn sent(&self, qos: u8) {
+    pub(crate) fn sent(&self, qos: u8) {
         self.sent_by_qos[usize::from(qos.min(2))].inc();
     }
 
-    pub fn denied(&self, action: crate::acl::Action) {
+    pub(crate) fn denied(&self, action: Action) {
         self.acl_denials
             .get_or_create(&label("action", &action.to_string()))
             .inc();
     }
 
-    pub fn session_state(&self, state: &str) -> Gauge {
+    pub(crate) fn session_state(&self, state: &str) -> Gauge {
         self.sessions.get_or_create(&label("state", state)).clone()
     }
 
-    pub fn set_certificate_expiry(&self, file: &str, days: f64) {
+    pub(crate) fn set_certificate_expiry(&self, file: &str, days: f64) {
         self.cert_expiry_days
             .get_or_create(&label("file", file))
             .set(days);
     }
 
     /// Totals for `$SYS`.
-    pub fn messages_received_total(&self) -> u64 {
+    pub(crate) fn messages_received_total(&self) -> u64 {
         self.received_by_qos.iter().map(Counter::get).sum()
     }
 
-    pub fn messages_sent_total(&self) -> u64 {
+    pub(crate) fn messages_sent_total(&self) -> u64 {
         self.sent_by_qos.iter().map(Counter::get).sum()
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -235,47 +249,4 @@ fn qos_name(qos: u8) -> &'static str {
         1 => "1",
         _ => "2",
     }
-}
-
-/// Serves `/metrics` on `addr` until `stopped` changes; returns the bound address.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    shared: std::sync::Arc<crate::server::Shared>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> Result<std::net::SocketAddr, crate::server::StartError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|cause| crate::server::StartError::Metrics { addr, cause })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|cause| crate::server::StartError::Metrics { addr, cause })?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let shared = shared.clone();
-            async move {
-                shared.refresh_gauges();
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    shared.metrics.render(),
-                )
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = stopped.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "metrics endpoint failed");
-        }
-    });
-    tracing::info!(addr = %bound, "Prometheus metrics at /metrics");
-    Ok(bound)
 }

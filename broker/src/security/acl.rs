@@ -2,20 +2,9 @@
 //! identity publish and subscribe on topic patterns (`%u` identity, `%c` client id).
 //! With no rule at all, every authenticated identity may do everything.
 
-use crate::topic;
-use serde::Deserialize;
+use crate::config::AclRule;
+use mqtt_common::topic;
 use std::fmt;
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AclRule {
-    /// Certificate CN, or `*` for any identity.
-    pub identity: String,
-    #[serde(default)]
-    pub publish: Vec<String>,
-    #[serde(default)]
-    pub subscribe: Vec<String>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -59,23 +48,7 @@ pub struct Acl {
 impl Acl {
     /// Checks every rule; the error names the rule and the pattern.
     pub fn new(rules: Vec<AclRule>) -> Result<Self, String> {
-        for (i, rule) in rules.iter().enumerate() {
-            if rule.identity.is_empty() {
-                return Err(format!(
-                    "acl[{i}].identity: must be a certificate CN or \"*\""
-                ));
-            }
-            for (key, patterns) in [("publish", &rule.publish), ("subscribe", &rule.subscribe)] {
-                for (j, p) in patterns.iter().enumerate() {
-                    let sample = p.replace("%u", "u").replace("%c", "c");
-                    if !topic::valid_filter(&sample) {
-                        return Err(format!(
-                            "acl[{i}].{key}[{j}]: `{p}` is not a valid topic pattern"
-                        ));
-                    }
-                }
-            }
-        }
+        crate::config::check_acl_rules(&rules)?;
         Ok(Self { rules })
     }
 

@@ -7,7 +7,7 @@
 //! overwriting messages. Shared subscriptions (`$share/...`) stay in the router, which
 //! distributes them among a group's members.
 
-use crate::router::Envelope;
+use crate::message::Envelope;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,29 +16,26 @@ use tokio::sync::mpsc;
 
 /// A published message on its way to the subscriber sessions, shared between them.
 #[derive(Debug)]
-pub struct Delivery {
-    pub topic: String,
-    pub payload: Bytes,
-    pub envelope: Envelope,
+pub(crate) struct Delivery {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) envelope: Envelope,
 }
 
 /// A session's end of the hand-over: bounded, so that a session that cannot keep up
 /// (starved of CPU, not a slow client: sessions queue for their clients themselves)
 /// slows its publishers down.
-pub type Inbox = mpsc::Receiver<Arc<Delivery>>;
-pub type Outbox = mpsc::Sender<Arc<Delivery>>;
+pub(crate) type Inbox = mpsc::Receiver<Arc<Delivery>>;
+pub(crate) type Outbox = mpsc::Sender<Arc<Delivery>>;
 
-/// Messages an inbox holds before publishers wait, unless configured otherwise.
-pub const INBOX: usize = 1024;
-
-pub fn inbox(capacity: usize) -> (Outbox, Inbox) {
+pub(crate) fn inbox(capacity: usize) -> (Outbox, Inbox) {
     mpsc::channel(capacity.max(1))
 }
 
 /// The subscription index of plain filters, and the count of shared subscriptions,
 /// which the router holds.
 #[derive(Default)]
-pub struct Fanout {
+pub(crate) struct Fanout {
     root: RwLock<Node>,
     shared_subscriptions: AtomicUsize,
 }
@@ -111,16 +108,16 @@ impl Node {
 
 /// What a hand-over could not finish.
 #[derive(Default)]
-pub struct HandOver {
+pub(crate) struct HandOver {
     /// Inboxes that were full: the publisher waits for room in each.
-    pub full: Vec<Outbox>,
+    pub(crate) full: Vec<Outbox>,
     /// Sessions that ended (closed their inbox) after matching.
-    pub ended: usize,
+    pub(crate) ended: usize,
 }
 
 impl Fanout {
     /// `filter` is a valid filter that does not begin with `$`.
-    pub fn subscribe(&self, filter: &str, session: u64, outbox: Outbox) {
+    pub(crate) fn subscribe(&self, filter: &str, session: u64, outbox: Outbox) {
         let mut node = &mut *self.write();
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
@@ -133,14 +130,14 @@ impl Fanout {
         node.here.insert(session, outbox);
     }
 
-    pub fn unsubscribe(&self, filter: &str, session: u64) {
+    pub(crate) fn unsubscribe(&self, filter: &str, session: u64) {
         let levels: Vec<&str> = filter.split('/').collect();
         self.write().remove(&levels, session);
     }
 
     /// Offers `delivery` to every session with a matching filter, once per session.
     /// Full inboxes are returned, for the caller to wait on, and ended sessions counted.
-    pub fn hand_over(&self, delivery: &Arc<Delivery>) -> HandOver {
+    pub(crate) fn hand_over(&self, delivery: &Arc<Delivery>) -> HandOver {
         let levels: Vec<&str> = delivery.topic.split('/').collect();
         let dollar = delivery.topic.starts_with('$');
         let root = self.read();
@@ -163,16 +160,16 @@ impl Fanout {
         outcome
     }
 
-    pub fn shared_subscribed(&self) {
+    pub(crate) fn shared_subscribed(&self) {
         self.shared_subscriptions.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn shared_unsubscribed(&self) {
+    pub(crate) fn shared_unsubscribed(&self) {
         self.shared_subscriptions.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Whether published messages must also go to the router.
-    pub fn has_shared_subscriptions(&self) -> bool {
+    pub(crate) fn has_shared_subscriptions(&self) -> bool {
         self.shared_subscriptions.load(Ordering::Relaxed) > 0
     }
 
@@ -224,7 +221,7 @@ mod tests {
         let fanout = Fanout::default();
         let mut inboxes = Vec::new();
         for (i, filter) in filters.iter().enumerate() {
-            let (tx, rx) = inbox(INBOX);
+            let (tx, rx) = inbox(crate::config::DEFAULT_INBOX);
             fanout.subscribe(filter, i as u64, tx);
             inboxes.push((i as u64, rx));
         }
@@ -269,7 +266,7 @@ mod tests {
     #[test]
     fn overlapping_filters_give_one_copy() {
         let fanout = Fanout::default();
-        let (tx, mut rx) = inbox(INBOX);
+        let (tx, mut rx) = inbox(crate::config::DEFAULT_INBOX);
         for filter in ["a/#", "a/+", "a/b", "#"] {
             fanout.subscribe(filter, 7, tx.clone());
         }
@@ -303,7 +300,7 @@ mod tests {
     #[test]
     fn a_closed_inbox_is_counted() {
         let fanout = Fanout::default();
-        let (tx, rx) = inbox(INBOX);
+        let (tx, rx) = inbox(crate::config::DEFAULT_INBOX);
         fanout.subscribe("t", 1, tx);
         drop(rx);
         let outcome = fanout.hand_over(&delivery("t"));

@@ -1,25 +1,23 @@
 //! What changes while the broker runs: the ACL and the TLS material (CA, certificate,
-//! key, CRL), reloaded on SIGHUP and when their files change; certificate expiry
-//! warnings; renewal of the broker's own certificate when the CA key is at hand.
+//! key, CRL), reloaded on SIGHUP and when their files change. The watcher also runs the
+//! daily certificate checks (`certificates`).
 
-use crate::acl::Acl;
-use crate::config::{Config, TlsConfig};
-use crate::pki;
-use crate::registry::Control;
-use crate::server::Shared;
-use crate::tls;
+use super::certificates::{check_expiry, renew_if_due};
+use crate::config::Config;
+use crate::security::acl::Acl;
+use crate::security::{pki, tls};
+use crate::shared::registry::Control;
+use crate::shared::Shared;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// How often watched files are checked for changes.
 const POLL: Duration = Duration::from_secs(1);
 /// How often expiry is checked (and the broker's certificate renewed when due).
 const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 3600);
-/// Certificates expiring within this many days are reported at WARN.
-const EXPIRY_WARNING_DAYS: f64 = 30.0;
 
 /// Reloads the ACL and the TLS material of a running broker.
 #[derive(Clone)]
@@ -47,7 +45,7 @@ impl Reloader {
         match Config::load(&path).map(|c| Acl::new(c.acl)) {
             Ok(Ok(acl)) => {
                 let rules = acl.rules().len();
-                self.shared.set_acl(acl);
+                self.shared.policy.set_acl(acl);
                 info!(file = %path.display(), rules, "ACL reloaded");
             }
             Ok(Err(e)) => {
@@ -67,7 +65,7 @@ impl Reloader {
         match tls::load(config) {
             Ok(material) => {
                 let revoked = Arc::new(material.revoked.clone());
-                self.shared.set_tls(material);
+                self.shared.policy.set_tls(material);
                 let serial = pki::read_cert(&config.cert_file)
                     .map(|c| c.serial)
                     .unwrap_or_default();
@@ -88,7 +86,7 @@ impl Reloader {
 
 /// Watches the configuration file (ACL) and the TLS files until `stopped` changes;
 /// checks expiry daily.
-pub async fn watch(reloader: Reloader, mut stopped: watch::Receiver<bool>) {
+pub(crate) async fn watch(reloader: Reloader, mut stopped: watch::Receiver<bool>) {
     let config = reloader.shared.config.clone();
     let tls_files: Vec<PathBuf> = [
         Some(config.tls.ca_file.clone()),
@@ -131,55 +129,6 @@ pub async fn watch(reloader: Reloader, mut stopped: watch::Receiver<bool>) {
             last_tls = now_tls;
             info!("TLS files changed");
             reloader.reload_tls();
-        }
-    }
-}
-
-/// WARN for every loaded certificate (and the CRL's next update) due within 30 days.
-pub fn check_expiry(config: &TlsConfig) {
-    for path in [&config.ca_file, &config.cert_file] {
-        if let Some(days) = tls::days_until_expiry(path) {
-            if days < EXPIRY_WARNING_DAYS {
-                warn!(file = %path.display(), days_left = days.floor() as i64,
-                    "certificate expires soon: renew it");
-            }
-        }
-    }
-    if let Some(crl) = &config.crl_file {
-        if let Some(days) = tls::crl_days_until_next_update(crl) {
-            if days < EXPIRY_WARNING_DAYS {
-                warn!(file = %crl.display(), days_left = days.floor() as i64,
-                    "CRL next update is due soon: re-sign it (broker certs revoke re-signs)");
-            }
-        }
-    }
-}
-
-/// Renews the broker's certificate `renew_before_days` before it expires, when the CA
-/// key sits beside the CA certificate (the development PKI). True when renewed.
-pub fn renew_if_due(config: &TlsConfig) -> bool {
-    if config.renew_before_days == 0 {
-        return false;
-    }
-    let layout = pki::Layout::for_broker(&config.ca_file, &config.cert_file, &config.key_file);
-    if !layout.ca_key.is_file() {
-        return false;
-    }
-    let Some(days) = tls::days_until_expiry(&config.cert_file) else {
-        return false;
-    };
-    if days >= f64::from(config.renew_before_days) {
-        return false;
-    }
-    match pki::renew_server(&layout) {
-        Ok(()) => {
-            warn!(cert = %config.cert_file.display(), days_left = days.floor() as i64,
-                "broker certificate was close to expiry: renewed with the CA key");
-            true
-        }
-        Err(e) => {
-            error!(cert = %config.cert_file.display(), error = %e, "broker certificate renewal failed");
-            false
         }
     }
 }

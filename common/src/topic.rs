@@ -1,7 +1,8 @@
 //! Topic names and filters: validation and matching (MQTT 3.1.1 §4.7, 5.0 §4.7).
 //!
-//! The router validates neither, so every name and filter is checked here before
-//! it reaches the router, the retained store or the ACL.
+//! The broker's router (rumqttd) validates neither, so the broker checks every name and
+//! filter here before it reaches the router, the retained store or the ACL; the clients
+//! check what they are told to subscribe to with the same rules.
 
 /// Longest topic or filter accepted, in bytes (the MQTT string limit).
 const MAX_LEN: usize = 65_535;
@@ -22,7 +23,8 @@ pub fn valid_filter(filter: &str) -> bool {
     }
 }
 
-fn valid_plain_filter(filter: &str) -> bool {
+/// A filter without the `$share/<group>/` prefix: wildcards fill whole levels, `#` last.
+pub fn valid_plain_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.len() > MAX_LEN || filter.contains('\0') {
         return false;
     }

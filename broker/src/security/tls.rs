@@ -2,7 +2,7 @@
 //! handshake means.
 
 use crate::config::TlsConfig;
-use crate::refusal::Refusal;
+use crate::security::refusal::Refusal;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -36,17 +36,17 @@ fn file_error(path: &Path, reason: impl ToString) -> TlsError {
 
 /// Certificates and keys in force: the acceptor for new handshakes and the serials
 /// the CRL revokes (to close live connections of revoked clients).
-pub struct TlsMaterial {
-    pub acceptor: TlsAcceptor,
-    pub revoked: HashSet<Vec<u8>>,
+pub(crate) struct TlsMaterial {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) revoked: HashSet<Vec<u8>>,
     /// (file, its certificate's notAfter in seconds since the epoch), read at load so
     /// that the expiry gauges never read files on a runtime worker.
-    pub expiry: Vec<(String, i64)>,
+    pub(crate) expiry: Vec<(String, i64)>,
 }
 
 /// Loads everything from the configured files. Requires a client certificate signed by
 /// any CA in `ca_file`, not revoked by `crl_file`; TLS 1.2 and 1.3 only.
-pub fn load(config: &TlsConfig) -> Result<TlsMaterial, TlsError> {
+pub(crate) fn load(config: &TlsConfig) -> Result<TlsMaterial, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(&config.ca_file)? {
         roots
@@ -188,7 +188,7 @@ impl ClientCertVerifier for ExplainRevocation {
 }
 
 /// The raw serial number of a certificate (DER integer bytes).
-pub fn raw_serial(der: &CertificateDer<'_>) -> Vec<u8> {
+pub(crate) fn raw_serial(der: &CertificateDer<'_>) -> Vec<u8> {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, c)| c.raw_serial().to_vec())
         .unwrap_or_default()
@@ -213,7 +213,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// Days until the CRL in `path` is due for its next update.
-pub fn crl_days_until_next_update(path: &Path) -> Option<f64> {
+pub(crate) fn crl_days_until_next_update(path: &Path) -> Option<f64> {
     let pem = std::fs::read(path).ok()?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
     let (_, crl) = x509_parser::parse_x509_crl(&pem.contents).ok()?;
@@ -226,12 +226,12 @@ pub fn crl_days_until_next_update(path: &Path) -> Option<f64> {
 }
 
 /// Days until the first certificate in `path` expires (negative once expired).
-pub fn days_until_expiry(path: &Path) -> Option<f64> {
+pub(crate) fn days_until_expiry(path: &Path) -> Option<f64> {
     days_until(not_after(path)?)
 }
 
 /// Days from now until `not_after` (seconds since the epoch); negative once past.
-pub fn days_until(not_after: i64) -> Option<f64> {
+pub(crate) fn days_until(not_after: i64) -> Option<f64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
@@ -248,7 +248,7 @@ fn not_after(path: &Path) -> Option<i64> {
 }
 
 /// The client's identity: the CN of its certificate.
-pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+pub(crate) fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let der = peer_certs?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
@@ -257,7 +257,7 @@ pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
 }
 
 /// Classifies the error of a failed TLS accept.
-pub fn classify(err: &io::Error) -> Refusal {
+pub(crate) fn classify(err: &io::Error) -> Refusal {
     let Some(tls) = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())

@@ -3,13 +3,13 @@
 //! own QoS and properties. Kept in memory for matching and, when a store is open,
 //! written through to sled.
 
-use crate::codec::Message;
+use crate::message::{expiry_left, Message};
 use crate::store::{Store, StoreError, Stored};
-use crate::topic;
+use mqtt_common::topic;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 struct Entry {
     message: Message,
@@ -17,25 +17,23 @@ struct Entry {
 }
 
 impl Entry {
-    /// Seconds of life left under an MQTT 5 Message Expiry Interval; None when expired.
+    /// Seconds of life left under an MQTT 5 Message Expiry Interval (None: it has
+    /// none); None when expired.
     fn remaining(&self, now: SystemTime) -> Option<Option<u32>> {
         let interval = self
             .message
             .properties
             .as_ref()
             .and_then(|p| p.message_expiry_interval);
-        let Some(interval) = interval else {
-            return Some(None);
-        };
-        let age = now.duration_since(self.stored_at).unwrap_or(Duration::ZERO);
-        let left = Duration::from_secs(interval.into()).checked_sub(age)?;
-        // At least one second, so a message that has not expired does not read as 0.
-        Some(Some((left.as_secs() as u32).max(1)))
+        match interval {
+            None => Some(None),
+            Some(interval) => expiry_left(interval, self.stored_at, now).map(Some),
+        }
     }
 }
 
 #[derive(Default)]
-pub struct Retained {
+pub(crate) struct Retained {
     messages: RwLock<BTreeMap<String, Entry>>,
     store: Option<Arc<Store>>,
 }
@@ -43,7 +41,7 @@ pub struct Retained {
 impl Retained {
     /// Retained messages backed by `store`, starting with what it held (expired ones
     /// are dropped, from the store too).
-    pub fn with_store(store: Arc<Store>, stored: Vec<Stored>) -> Self {
+    pub(crate) fn with_store(store: Arc<Store>, stored: Vec<Stored>) -> Self {
         let now = SystemTime::now();
         let mut map = BTreeMap::new();
         for s in stored {
@@ -65,7 +63,7 @@ impl Retained {
 
     /// Stores `message` as the retained one for its topic; an empty payload deletes
     /// it. Written to the store, not yet durable: see `sync`.
-    pub fn set(&self, message: &Message) -> Result<(), StoreError> {
+    pub(crate) fn set(&self, message: &Message) -> Result<(), StoreError> {
         if let Some(store) = &self.store {
             store.put(message, SystemTime::now())?;
         }
@@ -74,7 +72,7 @@ impl Retained {
     }
 
     /// Keeps `message` as retained in memory only (`$SYS` values, rebuilt at start).
-    pub fn set_volatile(&self, message: &Message) {
+    pub(crate) fn set_volatile(&self, message: &Message) {
         let now = SystemTime::now();
         let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
         if message.payload.is_empty() {
@@ -91,7 +89,7 @@ impl Retained {
     }
 
     /// Returns once every `set` so far is on disk (shared with concurrent callers).
-    pub async fn sync(&self) -> Result<(), StoreError> {
+    pub(crate) async fn sync(&self) -> Result<(), StoreError> {
         match &self.store {
             Some(store) => store.sync().await,
             None => Ok(()),
@@ -99,7 +97,7 @@ impl Retained {
     }
 
     /// Flushes the store before exit.
-    pub fn close(&self) -> Result<(), StoreError> {
+    pub(crate) fn close(&self) -> Result<(), StoreError> {
         match &self.store {
             Some(store) => store.close(),
             None => Ok(()),
@@ -108,7 +106,7 @@ impl Retained {
 
     /// Every unexpired retained message whose topic matches `filter`, its expiry
     /// interval lowered by the time it has waited.
-    pub fn matching(&self, filter: &str) -> Vec<Message> {
+    pub(crate) fn matching(&self, filter: &str) -> Vec<Message> {
         let filter = topic::matching_part(filter);
         let now = SystemTime::now();
         let map = self.messages.read().unwrap_or_else(|e| e.into_inner());
@@ -128,12 +126,8 @@ impl Retained {
             .collect()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.messages.read().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -148,8 +142,9 @@ fn literal_prefix(filter: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::PublishProperties;
+    use crate::message::PublishProperties;
     use bytes::Bytes;
+    use std::time::Duration;
 
     fn msg(topic: &str, payload: &'static [u8]) -> Message {
         Message {

@@ -3,7 +3,7 @@
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     TooManyConnections(usize),
     HandshakeTimeout,
     /// The first bytes were not a TLS record; `plain_mqtt` when they were an MQTT CONNECT.
@@ -34,7 +34,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The `reason` label of the refusal metric.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Self::TooManyConnections(_) => "too_many_connections",
             Self::HandshakeTimeout => "handshake_timeout",

@@ -1,20 +1,38 @@
-//! Live sessions by (certificate identity, client id). Keying by identity means a
+//! Live sessions by (certificate identity, client id), and what reaches a session task
+//! through it: a new connection, shutdown, revocation. Keying by identity means a
 //! certificate can never reach another identity's session, whatever client id it sends.
 
-use crate::session::Client;
+use crate::ids::SessionKey;
+use crate::protocol::{ConnectInfo, Framed};
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::io::ReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SessionKey {
-    pub identity: String,
-    pub client_id: String,
+pub(crate) type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A client's connection as a session reads it (its writes go to a writer task).
+pub(crate) type Conn = Framed<ReadHalf<TlsStream>>;
+
+/// An authenticated connection whose CONNECT was accepted, on its way to a session.
+pub(crate) struct Client {
+    pub(crate) framed: Conn,
+    pub(crate) info: ConnectInfo,
+    /// The CN of its certificate.
+    pub(crate) identity: String,
+    /// The client certificate's serial, to act on revocation.
+    pub(crate) serial: Vec<u8>,
+    pub(crate) addr: SocketAddr,
+    /// The broker chose the client id (the client sent an empty one).
+    pub(crate) assigned_id: bool,
+    /// Its place under `max_connections`, held while the connection lives.
+    pub(crate) permit: OwnedSemaphorePermit,
 }
 
 /// Messages to a session task.
-pub enum Control {
+pub(crate) enum Control {
     /// A new connection for this session (a reconnect or a takeover).
     Attach(Box<Client>),
     /// The broker is stopping.
@@ -24,18 +42,20 @@ pub enum Control {
 }
 
 struct Entry {
+    /// The session task's id: a task that ended unregisters only itself.
     id: u64,
     tx: mpsc::UnboundedSender<Control>,
 }
 
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     sessions: Mutex<HashMap<SessionKey, Entry>>,
+    /// Woken when the last session unregisters (shutdown waits for it).
     emptied: Notify,
 }
 
 /// What `attach` did with a client.
-pub enum Attached {
+pub(crate) enum Attached {
     /// Handed to the live session.
     Existing,
     /// No live session: the caller starts one with this id and receiver.
@@ -52,7 +72,7 @@ impl Registry {
     }
 
     /// Hands `client` to its live session, or registers a new one under `new_id`.
-    pub fn attach(&self, key: SessionKey, client: Box<Client>, new_id: u64) -> Attached {
+    pub(crate) fn attach(&self, key: SessionKey, client: Box<Client>, new_id: u64) -> Attached {
         let mut sessions = self.lock();
         let client = match sessions.get(&key) {
             Some(entry) => match entry.tx.send(Control::Attach(client)) {
@@ -72,7 +92,7 @@ impl Registry {
     }
 
     /// Registers a session started without a client (restored from the store).
-    pub fn register(&self, key: SessionKey, id: u64) -> mpsc::UnboundedReceiver<Control> {
+    pub(crate) fn register(&self, key: SessionKey, id: u64) -> mpsc::UnboundedReceiver<Control> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.lock().insert(key, Entry { id, tx });
         rx
@@ -81,7 +101,7 @@ impl Registry {
     /// Removes session `id` unless a message reached it meanwhile, which is returned
     /// for the session to handle. Checked under the lock `attach` takes, so no
     /// connection is ever handed to a session that has gone.
-    pub fn finish(
+    pub(crate) fn finish(
         &self,
         key: &SessionKey,
         id: u64,
@@ -101,19 +121,19 @@ impl Registry {
     }
 
     /// Tells every session to stop.
-    pub fn shutdown_all(&self) {
+    pub(crate) fn shutdown_all(&self) {
         self.broadcast(|| Control::Shutdown);
     }
 
     /// Sends a message to every session.
-    pub fn broadcast(&self, message: impl Fn() -> Control) {
+    pub(crate) fn broadcast(&self, message: impl Fn() -> Control) {
         for entry in self.lock().values() {
             let _ = entry.tx.send(message());
         }
     }
 
     /// Waits until no session is left.
-    pub async fn wait_empty(&self) {
+    pub(crate) async fn wait_empty(&self) {
         loop {
             let notified = self.emptied.notified();
             if self.lock().is_empty() {
@@ -123,11 +143,7 @@ impl Registry {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

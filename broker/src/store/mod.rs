@@ -1,28 +1,21 @@
 //! What survives a restart, in sled: retained messages (durable before acknowledged,
 //! with group commit: concurrent publishers waiting for durability share one flush)
-//! and persistent sessions (subscriptions, and their queues at shutdown).
+//! and persistent sessions (subscriptions, and their queues at shutdown). `records`
+//! says how each is written.
 
-use crate::codec::{decode_properties, encode_properties, Message};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+mod records;
+
+pub(crate) use records::{SavedSubscription, SessionRecord, Stored};
+
+use crate::config::OnCorruption;
+use crate::ids::SessionKey;
+use crate::message::Message;
+use bytes::Bytes;
 use prometheus_client::metrics::histogram::Histogram;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
-
-const RECORD_VERSION: u8 = 1;
-
-/// What to do with a store that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnCorruption {
-    /// Move it aside, log where, and start empty.
-    #[default]
-    Quarantine,
-    /// Refuse to start.
-    Fail,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,60 +27,31 @@ pub enum StoreError {
     Write { path: PathBuf, reason: String },
 }
 
-/// A stored retained message and when it was stored (for message expiry).
-pub struct Stored {
-    pub message: Message,
-    pub stored_at: SystemTime,
-}
-
 /// What opening found.
-pub struct Opened {
-    pub store: Store,
-    pub messages: Vec<Stored>,
-    pub sessions: Vec<(SessionId, SessionRecord)>,
+pub(crate) struct Opened {
+    pub(crate) store: Store,
+    pub(crate) messages: Vec<Stored>,
+    pub(crate) sessions: Vec<(SessionKey, SessionRecord)>,
     /// Where a damaged store was moved, if it was.
-    pub quarantined: Option<PathBuf>,
-    pub unreadable_records: usize,
+    pub(crate) quarantined: Option<PathBuf>,
+    pub(crate) unreadable_records: usize,
 }
 
-/// A persistent session's owner and client id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionId {
-    pub identity: String,
-    pub client_id: String,
-}
-
-/// What a persistent session needs to resume after a restart.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SessionRecord {
-    pub expiry_secs: u32,
-    pub subscriptions: Vec<SavedSubscription>,
-    /// Messages owed to the client (saved at shutdown).
-    pub queued: Vec<Message>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SavedSubscription {
-    pub filter: String,
-    pub qos: u8,
-    pub no_local: bool,
-    pub retain_as_published: bool,
-    pub id: Option<usize>,
-}
-
-pub struct Store {
+pub(crate) struct Store {
     path: PathBuf,
     tree: sled::Tree,
     sessions: sled::Tree,
     db: sled::Db,
     flush_requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    /// The group-commit task; awaited when a test reopens the store in-process.
+    #[cfg_attr(not(test), allow(dead_code))]
     flusher: tokio::task::JoinHandle<()>,
 }
 
 impl Store {
     /// Opens (or creates) `data_dir/retained` and reads every record.
     /// `flush_seconds` records the duration of each group-commit flush.
-    pub async fn open(
+    pub(crate) async fn open(
         data_dir: &Path,
         on_corruption: OnCorruption,
         flush_seconds: Histogram,
@@ -125,7 +89,10 @@ impl Store {
         let mut sessions = Vec::new();
         for item in session_tree.iter() {
             let decoded = item.ok().and_then(|(k, v)| {
-                Some((session_id(&k)?, decode_session(Bytes::copy_from_slice(&v))?))
+                Some((
+                    records::session_key(&k)?,
+                    records::decode_session(Bytes::copy_from_slice(&v))?,
+                ))
             });
             match decoded {
                 Some(s) => sessions.push(s),
@@ -136,7 +103,7 @@ impl Store {
         for item in tree.iter() {
             let decoded = item
                 .ok()
-                .and_then(|(k, v)| decode(&k, Bytes::copy_from_slice(&v)));
+                .and_then(|(k, v)| records::decode(&k, Bytes::copy_from_slice(&v)));
             match decoded {
                 Some(stored) => messages.push(stored),
                 None => unreadable_records += 1,
@@ -162,14 +129,14 @@ impl Store {
 
     /// Writes (or, for an empty payload, deletes) the retained message of a topic.
     /// Not durable until `sync` returns.
-    pub fn put(&self, message: &Message, stored_at: SystemTime) -> Result<(), StoreError> {
+    pub(crate) fn put(&self, message: &Message, stored_at: SystemTime) -> Result<(), StoreError> {
         let result = if message.payload.is_empty() {
             self.tree.remove(message.topic.as_bytes()).map(|_| ())
         } else {
             self.tree
                 .insert(
                     message.topic.as_bytes(),
-                    encode(message, stored_at).to_vec(),
+                    records::encode(message, stored_at).to_vec(),
                 )
                 .map(|_| ())
         };
@@ -177,7 +144,7 @@ impl Store {
     }
 
     /// Removes expired messages.
-    pub fn remove(&self, topic: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove(&self, topic: &str) -> Result<(), StoreError> {
         self.tree
             .remove(topic.as_bytes())
             .map(|_| ())
@@ -185,23 +152,30 @@ impl Store {
     }
 
     /// Saves a persistent session's state (durable with the next flush).
-    pub fn put_session(&self, id: &SessionId, record: &SessionRecord) -> Result<(), StoreError> {
+    pub(crate) fn put_session(
+        &self,
+        id: &SessionKey,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
         self.sessions
-            .insert(session_key(id), encode_session(record).to_vec())
+            .insert(
+                records::key_of(id),
+                records::encode_session(record).to_vec(),
+            )
             .map(|_| ())
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    pub fn remove_session(&self, id: &SessionId) -> Result<(), StoreError> {
+    pub(crate) fn remove_session(&self, id: &SessionKey) -> Result<(), StoreError> {
         self.sessions
-            .remove(session_key(id))
+            .remove(records::key_of(id))
             .map(|_| ())
             .map_err(|e| self.write_error(e.to_string()))
     }
 
     /// Returns once everything written so far is on disk. Concurrent callers share
     /// one flush.
-    pub async fn sync(&self) -> Result<(), StoreError> {
+    pub(crate) async fn sync(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         if self.flush_requests.send(tx).is_err() {
             return Err(self.write_error("flusher stopped".into()));
@@ -214,7 +188,7 @@ impl Store {
     }
 
     /// Flushes before the process exits.
-    pub fn close(&self) -> Result<(), StoreError> {
+    pub(crate) fn close(&self) -> Result<(), StoreError> {
         self.db
             .flush()
             .map(|_| ())
@@ -222,7 +196,8 @@ impl Store {
     }
 
     /// Flushes and releases the files, so the store can be opened again in-process.
-    pub async fn shutdown(self) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn shutdown(self) -> Result<(), StoreError> {
         let result = self.close();
         let Store {
             flush_requests,
@@ -235,11 +210,11 @@ impl Store {
     }
 
     /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
+    pub(crate) fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -354,145 +329,10 @@ fn quarantine(path: &Path) -> Result<PathBuf, StoreError> {
     Ok(aside)
 }
 
-fn encode(message: &Message, stored_at: SystemTime) -> Bytes {
-    let props = message.properties.as_ref().map(encode_properties);
-    let props_len = props.as_ref().map_or(0, |p| p.len());
-    let mut buf = BytesMut::with_capacity(14 + props_len + message.payload.len());
-    buf.put_u8(RECORD_VERSION);
-    buf.put_u8(message.qos);
-    let millis = stored_at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
-    buf.put_u64(millis);
-    buf.put_u32(props_len as u32);
-    if let Some(p) = props {
-        buf.put_slice(&p);
-    }
-    buf.put_slice(&message.payload);
-    buf.freeze()
-}
-
-fn decode(key: &[u8], mut value: Bytes) -> Option<Stored> {
-    let topic = String::from_utf8(key.to_vec()).ok()?;
-    if value.len() < 14 || value.get_u8() != RECORD_VERSION {
-        return None;
-    }
-    let qos = value.get_u8().min(2);
-    let stored_at = UNIX_EPOCH + Duration::from_millis(value.get_u64());
-    let props_len = value.get_u32() as usize;
-    if value.len() < props_len {
-        return None;
-    }
-    let properties = if props_len > 0 {
-        Some(decode_properties(value.split_to(props_len))?)
-    } else {
-        None
-    };
-    Some(Stored {
-        message: Message {
-            topic,
-            payload: value,
-            qos,
-            retain: true,
-            properties,
-        },
-        stored_at,
-    })
-}
-
-fn session_key(id: &SessionId) -> Vec<u8> {
-    let mut key = id.identity.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(id.client_id.as_bytes());
-    key
-}
-
-fn session_id(key: &[u8]) -> Option<SessionId> {
-    let split = key.iter().position(|b| *b == 0)?;
-    Some(SessionId {
-        identity: String::from_utf8(key[..split].to_vec()).ok()?,
-        client_id: String::from_utf8(key[split + 1..].to_vec()).ok()?,
-    })
-}
-
-fn put_str(buf: &mut BytesMut, s: &str) {
-    buf.put_u32(s.len() as u32);
-    buf.put_slice(s.as_bytes());
-}
-
-fn take(buf: &mut Bytes, len: usize) -> Option<Bytes> {
-    (buf.len() >= len).then(|| buf.split_to(len))
-}
-
-fn take_u32(buf: &mut Bytes) -> Option<u32> {
-    (buf.len() >= 4).then(|| buf.get_u32())
-}
-
-fn take_str(buf: &mut Bytes) -> Option<String> {
-    let len = take_u32(buf)? as usize;
-    String::from_utf8(take(buf, len)?.to_vec()).ok()
-}
-
-fn encode_session(record: &SessionRecord) -> Bytes {
-    let mut buf = BytesMut::new();
-    buf.put_u8(RECORD_VERSION);
-    buf.put_u32(record.expiry_secs);
-    buf.put_u32(record.subscriptions.len() as u32);
-    for s in &record.subscriptions {
-        put_str(&mut buf, &s.filter);
-        buf.put_u8(s.qos);
-        buf.put_u8(u8::from(s.no_local) | u8::from(s.retain_as_published) << 1);
-        buf.put_u32(s.id.map_or(0, |id| id as u32));
-    }
-    buf.put_u32(record.queued.len() as u32);
-    let now = SystemTime::now();
-    for m in &record.queued {
-        put_str(&mut buf, &m.topic);
-        let body = encode(m, now);
-        buf.put_u32(body.len() as u32);
-        buf.put_slice(&body);
-    }
-    buf.freeze()
-}
-
-fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
-    if take(&mut buf, 1)?[0] != RECORD_VERSION {
-        return None;
-    }
-    let expiry_secs = take_u32(&mut buf)?;
-    let mut subscriptions = Vec::new();
-    for _ in 0..take_u32(&mut buf)? {
-        let filter = take_str(&mut buf)?;
-        let fixed = take(&mut buf, 6)?;
-        let id = u32::from_be_bytes([fixed[2], fixed[3], fixed[4], fixed[5]]);
-        subscriptions.push(SavedSubscription {
-            filter,
-            qos: fixed[0].min(2),
-            no_local: fixed[1] & 1 != 0,
-            retain_as_published: fixed[1] & 2 != 0,
-            id: (id != 0).then_some(id as usize),
-        });
-    }
-    let mut queued = Vec::new();
-    for _ in 0..take_u32(&mut buf)? {
-        let topic = take_str(&mut buf)?;
-        let len = take_u32(&mut buf)? as usize;
-        let mut message = decode(topic.as_bytes(), take(&mut buf, len)?)?.message;
-        message.retain = false;
-        queued.push(message);
-    }
-    Some(SessionRecord {
-        expiry_secs,
-        subscriptions,
-        queued,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::PublishProperties;
+    use crate::message::PublishProperties;
 
     fn test_histogram() -> Histogram {
         Histogram::new([1.0])
@@ -511,42 +351,6 @@ mod tests {
                 ..Default::default()
             }),
         }
-    }
-
-    #[test]
-    fn record_round_trip() {
-        let m = message("articulos/a/futbol", b"{}");
-        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let back = decode(m.topic.as_bytes(), encode(&m, at)).unwrap();
-        assert_eq!(back.stored_at, at);
-        assert_eq!(back.message.payload, m.payload);
-        assert_eq!(back.message.qos, 1);
-        assert_eq!(back.message.properties, m.properties);
-    }
-
-    #[test]
-    fn session_record_round_trip() {
-        let record = SessionRecord {
-            expiry_secs: u32::MAX,
-            subscriptions: vec![SavedSubscription {
-                filter: "articulos/+/futbol".into(),
-                qos: 1,
-                no_local: true,
-                retain_as_published: false,
-                id: Some(7),
-            }],
-            queued: vec![Message {
-                retain: false,
-                ..message("articulos/a/futbol", b"{}")
-            }],
-        };
-        assert_eq!(decode_session(encode_session(&record)), Some(record));
-        let id = SessionId {
-            identity: "subscriber".into(),
-            client_id: "sub-1".into(),
-        };
-        assert_eq!(session_id(&session_key(&id)), Some(id));
-        assert_eq!(decode_session(Bytes::from_static(b"\x01\x00")), None);
     }
 
     #[tokio::test]

@@ -1,0 +1,239 @@
+//! Messages to this session's client: taken from the inbox, the router link or the
+//! `$SYS` channel, matched against the subscriptions, then written now, queued by the
+//! QoS engine (`outgoing`) or, for QoS 0 to a client that reads too slowly, dropped.
+
+use super::outgoing::{Admission, Resend, Transmit};
+use super::subscriptions::matching;
+use super::Session;
+use crate::message::{now_micros, Envelope, Message};
+use crate::protocol::{Outbound, TooLargeForClient};
+use crate::routing::fanout::Delivery;
+use bytes::Bytes;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tracing::warn;
+
+/// Deliveries taken from the inbox before one flush.
+pub(super) const BATCH: usize = 256;
+/// Unwritten bytes beyond which QoS 0 messages for a client are dropped (and counted).
+const QOS0_BACKLOG: usize = 1 << 20;
+/// Message ids remembered to deliver one copy of a message that arrives twice (from the
+/// index and through a `$share` group, or once per overlapping `$share` filter).
+const RECENT_IDS: usize = 4096;
+
+/// Recently delivered message ids, bounded.
+#[derive(Default)]
+pub(super) struct RecentIds {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl RecentIds {
+    /// True when `id` was not seen yet.
+    fn insert(&mut self, id: u64) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Nothing went out: no client is attached, or the packet is larger than it accepts.
+pub(super) struct NotSent;
+
+impl From<TooLargeForClient> for NotSent {
+    fn from(_: TooLargeForClient) -> Self {
+        NotSent
+    }
+}
+
+impl Session {
+    /// Takes messages from the inbox, the first one and what else is there.
+    pub(super) fn on_inbox(&mut self, first: Arc<Delivery>) {
+        self.recheck_subscriptions();
+        self.accept(&first);
+        for _ in 1..BATCH {
+            match self.inbox.try_recv() {
+                Ok(delivery) => self.accept(&delivery),
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(super) fn accept(&mut self, delivery: &Delivery) {
+        self.offer(
+            delivery.topic.clone(),
+            delivery.payload.clone(),
+            delivery.envelope.clone(),
+        );
+    }
+
+    /// New `$SYS` values, for the `$SYS` subscriptions the router does not hold.
+    pub(super) async fn on_sys(&mut self) {
+        let messages = self.sys.borrow_and_update().clone();
+        for m in messages.iter() {
+            let envelope = Envelope {
+                qos: 0,
+                retain: true,
+                origin: 0,
+                id: self.shared.ids.next(),
+                received_at: now_micros(),
+                properties: None,
+            };
+            self.offer(m.topic.clone(), m.payload.clone(), envelope);
+        }
+        self.flush().await;
+    }
+
+    /// Delivers a message to this session if one of its subscriptions matches.
+    pub(super) fn offer(&mut self, topic: String, payload: Bytes, envelope: Envelope) {
+        let Some(matched) = matching(&self.subs, &topic, envelope.origin == self.id) else {
+            return;
+        };
+        // Overlapping filters: the router sends one copy per filter; deliver one.
+        if matched.count > 1 && !self.recent.insert(envelope.id) {
+            return;
+        }
+        let qos = envelope.qos.min(matched.granted);
+        let immediate = self.conn.is_some() && (qos == 0 || self.outgoing.sends_now());
+        if immediate {
+            let micros = now_micros().saturating_sub(envelope.received_at);
+            self.shared
+                .metrics
+                .delivery_seconds
+                .observe(micros as f64 / 1e6);
+        }
+        let received = envelope.received();
+        let message = Message {
+            topic,
+            payload,
+            qos,
+            retain: matched.retain_as_published && envelope.retain,
+            properties: envelope.properties,
+        };
+        // Lowered by the time it waited; an expired message is not delivered.
+        let Some(mut message) = message.unexpired(received, SystemTime::now()) else {
+            return;
+        };
+        if !matched.ids.is_empty() {
+            message
+                .properties
+                .get_or_insert_with(Default::default)
+                .subscription_identifiers = matched.ids;
+        }
+        self.deliver(message, false);
+    }
+
+    /// Sends a message now, or queues it; `force` ignores the queue limit (retained
+    /// messages on subscribe, bounded by the retained store itself).
+    pub(super) fn deliver(&mut self, message: Message, force: bool) {
+        if message.qos == 0 {
+            // QoS 0 is not kept for offline clients, nor piled up for slow readers.
+            let backlog = self.conn.as_ref().map_or(0, |c| c.framed.unwritten());
+            if !force && backlog > QOS0_BACKLOG {
+                self.drop_message(
+                    &message.topic,
+                    "client reads too slowly: QoS 0 message dropped",
+                );
+                return;
+            }
+            let _ = self.send(Outbound::Publish {
+                message,
+                pkid: 0,
+                dup: false,
+            });
+            return;
+        }
+        match self.outgoing.admit(message, SystemTime::now(), force) {
+            Admission::Send(transmit) => self.transmit(transmit),
+            Admission::Queued => {}
+            Admission::QueueFull(message) => self.drop_message(
+                &message.topic,
+                "session queue full (max_queued): message dropped",
+            ),
+        }
+    }
+
+    /// Writes a QoS 1/2 PUBLISH the engine put in flight.
+    fn transmit(&mut self, Transmit { pkid, message }: Transmit) {
+        let sent = self.send(Outbound::Publish {
+            message,
+            pkid,
+            dup: false,
+        });
+        if sent.is_err() {
+            let topic = self
+                .outgoing
+                .unsent(pkid)
+                .map(|m| m.topic)
+                .unwrap_or_default();
+            warn!(client_id = %self.key.client_id, topic = %topic,
+                "message larger than the client's maximum packet size: not sent");
+        }
+    }
+
+    /// Moves queued messages into the inflight window.
+    pub(super) fn pump(&mut self) {
+        while let Some(transmit) = self.outgoing.next(SystemTime::now()) {
+            self.transmit(transmit);
+        }
+    }
+
+    /// Writes again what the client had not acknowledged, then what is queued.
+    pub(super) fn resend(&mut self, resends: Vec<Resend>) {
+        for resend in resends {
+            let packet = match resend {
+                Resend::Publish { pkid, message } => Outbound::Publish {
+                    message,
+                    pkid,
+                    dup: true,
+                },
+                Resend::PubRel { pkid } => Outbound::PubRel { pkid },
+            };
+            let _ = self.send(packet);
+        }
+        self.pump();
+    }
+
+    /// Queues a packet for the attached client, with a topic alias where one applies.
+    pub(super) fn send(&mut self, mut packet: Outbound) -> Result<(), NotSent> {
+        let Some(c) = self.conn.as_mut() else {
+            return Err(NotSent);
+        };
+        let qos = match &mut packet {
+            Outbound::Publish { message, .. } => {
+                c.alias_outgoing(message);
+                Some(message.qos)
+            }
+            _ => None,
+        };
+        c.framed.queue(packet)?;
+        if let Some(qos) = qos {
+            self.shared.metrics.sent(qos);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut recent = RecentIds::default();
+        assert!(recent.insert(1));
+        assert!(!recent.insert(1));
+        for id in 2..=(RECENT_IDS as u64 + 1) {
+            assert!(recent.insert(id));
+        }
+        assert!(recent.insert(1), "the oldest id was forgotten");
+    }
+}

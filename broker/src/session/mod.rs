@@ -1,0 +1,166 @@
+//! A session: one task per (identity, client id) that owns the client's subscriptions,
+//! its inbox of published messages, its QoS 1/2 state and its queue, its router link
+//! (shared subscriptions only), and the socket while one is attached. A persistent
+//! session outlives its socket and keeps draining its inbox into its own queue, so
+//! nothing a QoS 1/2 subscriber is owed is lost while it is away.
+//!
+//! `impl Session` is spread over one file per concern:
+//!
+//! | file | concern |
+//! |---|---|
+//! | `driver` | the task: the wait on every event, the end of a batch, teardown |
+//! | `connect` | a connection joins: takeover, Clean Start, CONNACK, resend |
+//! | `inbound` | one handler per packet from the client |
+//! | `publish` | what the session publishes: retained store, hand-over, router |
+//! | `delivery` | messages to the client: matching, QoS, writing |
+//! | `outgoing` | the QoS engine (window, queue, packet ids, resend, expiry), sans IO |
+//! | `subscriptions` | SUBSCRIBE, UNSUBSCRIBE, retained on subscribe, ACL re-check |
+//! | `link` | the router link for `$share` groups |
+//! | `persistence` | what the store keeps, and the restore |
+//! | `close` | every reason a connection ends: DISCONNECT, log line, metric, will |
+//! | `telemetry` | gauges, denial and drop logging |
+//! | `attachment` | the socket side: keep alive, will, topic aliases |
+
+mod attachment;
+mod close;
+mod connect;
+mod delivery;
+mod driver;
+mod inbound;
+mod link;
+mod outgoing;
+mod persistence;
+mod publish;
+mod subscriptions;
+mod telemetry;
+
+pub(crate) use driver::run;
+pub(crate) use persistence::restored;
+
+use crate::ids::SessionKey;
+use crate::message::{Message, Will};
+use crate::protocol::SessionExpiry;
+use crate::routing::fanout::{Delivery, Inbox, Outbox};
+use crate::shared::registry::{Client, Control};
+use crate::shared::Shared;
+use crate::store::SessionRecord;
+use attachment::Attachment;
+use delivery::RecentIds;
+use link::RouterLink;
+use outgoing::Outgoing;
+use rumqttd::protocol::Packet as RouterPacket;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use subscriptions::{Place, Subscription};
+use telemetry::{Denials, Reported};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// How a session begins.
+pub(crate) enum Start {
+    Client(Box<Client>),
+    /// Saved before the last stop; starts offline, its plain subscriptions already in
+    /// the index (see [`restored`]).
+    Restored(SessionRecord, Outbox, Inbox),
+}
+
+pub(crate) struct Session {
+    /// Unique per session task: its entry in the fan-out index, its router link's name,
+    /// the origin of what it publishes (No Local).
+    id: u64,
+    key: SessionKey,
+    shared: Arc<Shared>,
+    /// New connections, shutdown and revocations, from the registry.
+    ctrl: mpsc::UnboundedReceiver<Control>,
+    /// Messages from publishing sessions; `outbox` is what the fan-out index holds.
+    inbox: Inbox,
+    outbox: Outbox,
+    /// Messages published in this batch, handed over at the flush.
+    deliveries: Vec<Arc<Delivery>>,
+    /// The router link, made on the first packet for the router: an idle session
+    /// costs the router nothing.
+    link: Option<Box<RouterLink>>,
+    /// Packets for the router in this batch, sent at the flush.
+    to_router: Vec<RouterPacket>,
+    /// Subscriptions by filter.
+    subs: HashMap<String, Subscription>,
+    /// QoS 1/2 messages to the client: in flight and queued.
+    outgoing: Outgoing,
+    /// Inbound QoS 2 packet ids routed and not yet released by PUBREL: a resent
+    /// PUBLISH with one of them is acknowledged, not routed again.
+    qos2_in: HashSet<u16>,
+    /// How long the session outlives its connection.
+    expiry: SessionExpiry,
+    /// When an offline session ends; None while attached or never.
+    expires_at: Option<Instant>,
+    /// Message ids delivered lately, to deliver one copy of a message that arrives twice.
+    recent: RecentIds,
+    /// Denials logged recently, for the once-a-minute summary.
+    denials: Denials,
+    /// The ACL generation the subscriptions were last checked against.
+    acl_generation: u64,
+    /// What this session last added to the shared gauges.
+    reported: Reported,
+    /// A retained QoS 1/2 message was stored: flush the store before acknowledging.
+    needs_sync: bool,
+    /// Messages dropped for this session's client, for the summary at its end.
+    dropped: u64,
+    /// The client's connection, while one is attached.
+    conn: Option<Attachment>,
+    /// The latest `$SYS` values.
+    sys: watch::Receiver<Arc<Vec<Message>>>,
+    /// A will waiting for its Will Delay Interval (MQTT 5).
+    pending_will: Option<(Instant, Will)>,
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        key: SessionKey,
+        id: u64,
+        ctrl: mpsc::UnboundedReceiver<Control>,
+        outbox: Outbox,
+        inbox: Inbox,
+    ) -> Self {
+        let config = &shared.config.session;
+        Self {
+            sys: shared.sys.subscribe(),
+            outgoing: Outgoing::new(config.max_inflight, config.max_queued),
+            pending_will: None,
+            inbox,
+            outbox,
+            deliveries: Vec::new(),
+            id,
+            key,
+            ctrl,
+            link: None,
+            to_router: Vec::new(),
+            subs: HashMap::new(),
+            qos2_in: HashSet::new(),
+            expiry: SessionExpiry::OnClose,
+            expires_at: None,
+            recent: RecentIds::default(),
+            denials: Denials::default(),
+            acl_generation: 0,
+            reported: Reported::default(),
+            needs_sync: false,
+            dropped: 0,
+            conn: None,
+            shared,
+        }
+    }
+}
+
+impl Drop for Session {
+    /// Normally `teardown` has emptied `subs`; after a panic this keeps the index and
+    /// the shared-subscription count true.
+    fn drop(&mut self) {
+        for (filter, sub) in self.subs.drain() {
+            match sub.place {
+                Place::Index => self.shared.fanout.unsubscribe(&filter, self.id),
+                Place::Router => self.shared.fanout.shared_unsubscribed(),
+                Place::Edge => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! How the store writes what it keeps: a retained message (version, QoS, when stored,
+//! properties, payload; keyed by topic) and a persistent session (expiry,
+//! subscriptions, queued messages; keyed by identity NUL client id). A damaged record
+//! decodes to None, never to a panic.
+
+use crate::ids::SessionKey;
+use crate::message::Message;
+use crate::protocol::{decode_properties, encode_properties};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const RECORD_VERSION: u8 = 1;
+
+/// A stored retained message and when it was stored (for message expiry).
+pub(crate) struct Stored {
+    pub(crate) message: Message,
+    pub(crate) stored_at: SystemTime,
+}
+
+/// What a persistent session needs to resume after a restart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct SessionRecord {
+    /// MQTT 5 Session Expiry Interval as encoded (u32::MAX: never).
+    pub(crate) expiry_secs: u32,
+    pub(crate) subscriptions: Vec<SavedSubscription>,
+    /// Messages owed to the client (saved at shutdown).
+    pub(crate) queued: Vec<Message>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SavedSubscription {
+    pub(crate) filter: String,
+    pub(crate) qos: u8,
+    pub(crate) no_local: bool,
+    pub(crate) retain_as_published: bool,
+    pub(crate) id: Option<usize>,
+}
+
+pub(super) fn encode(message: &Message, stored_at: SystemTime) -> Bytes {
+    let props = message.properties.as_ref().map(encode_properties);
+    let props_len = props.as_ref().map_or(0, |p| p.len());
+    let mut buf = BytesMut::with_capacity(14 + props_len + message.payload.len());
+    buf.put_u8(RECORD_VERSION);
+    buf.put_u8(message.qos);
+    let millis = stored_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    buf.put_u64(millis);
+    buf.put_u32(props_len as u32);
+    if let Some(p) = props {
+        buf.put_slice(&p);
+    }
+    buf.put_slice(&message.payload);
+    buf.freeze()
+}
+
+pub(super) fn decode(key: &[u8], mut value: Bytes) -> Option<Stored> {
+    let topic = String::from_utf8(key.to_vec()).ok()?;
+    if value.len() < 14 || value.get_u8() != RECORD_VERSION {
+        return None;
+    }
+    let qos = value.get_u8().min(2);
+    let stored_at = UNIX_EPOCH + Duration::from_millis(value.get_u64());
+    let props_len = value.get_u32() as usize;
+    if value.len() < props_len {
+        return None;
+    }
+    let properties = if props_len > 0 {
+        Some(decode_properties(value.split_to(props_len))?)
+    } else {
+        None
+    };
+    Some(Stored {
+        message: Message {
+            topic,
+            payload: value,
+            qos,
+            retain: true,
+            properties,
+        },
+        stored_at,
+    })
+}
+
+pub(super) fn key_of(id: &SessionKey) -> Vec<u8> {
+    let mut key = id.identity.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(id.client_id.as_bytes());
+    key
+}
+
+pub(super) fn session_key(key: &[u8]) -> Option<SessionKey> {
+    let split = key.iter().position(|b| *b == 0)?;
+    Some(SessionKey {
+        identity: String::from_utf8(key[..split].to_vec()).ok()?,
+        client_id: String::from_utf8(key[split + 1..].to_vec()).ok()?,
+    })
+}
+
+fn put_str(buf: &mut BytesMut, s: &str) {
+    buf.put_u32(s.len() as u32);
+    buf.put_slice(s.as_bytes());
+}
+
+fn take(buf: &mut Bytes, len: usize) -> Option<Bytes> {
+    (buf.len() >= len).then(|| buf.split_to(len))
+}
+
+fn take_u32(buf: &mut Bytes) -> Option<u32> {
+    (buf.len() >= 4).then(|| buf.get_u32())
+}
+
+fn take_str(buf: &mut Bytes) -> Option<String> {
+    let len = take_u32(buf)? as usize;
+    String::from_utf8(take(buf, len)?.to_vec()).ok()
+}
+
+pub(super) fn encode_session(record: &SessionRecord) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_u8(RECORD_VERSION);
+    buf.put_u32(record.expiry_secs);
+    buf.put_u32(record.subscriptions.len() as u32);
+    for s in &record.subscriptions {
+        put_str(&mut buf, &s.filter);
+        buf.put_u8(s.qos);
+        buf.put_u8(u8::from(s.no_local) | u8::from(s.retain_as_published) << 1);
+        buf.put_u32(s.id.map_or(0, |id| id as u32));
+    }
+    buf.put_u32(record.queued.len() as u32);
+    let now = SystemTime::now();
+    for m in &record.queued {
+        put_str(&mut buf, &m.topic);
+        let body = encode(m, now);
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+    }
+    buf.freeze()
+}
+
+pub(super) fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
+    if take(&mut buf, 1)?[0] != RECORD_VERSION {
+        return None;
+    }
+    let expiry_secs = take_u32(&mut buf)?;
+    let mut subscriptions = Vec::new();
+    for _ in 0..take_u32(&mut buf)? {
+        let filter = take_str(&mut buf)?;
+        let fixed = take(&mut buf, 6)?;
+        let id = u32::from_be_bytes([fixed[2], fixed[3], fixed[4], fixed[5]]);
+        subscriptions.push(SavedSubscription {
+            filter,
+            qos: fixed[0].min(2),
+            no_local: fixed[1] & 1 != 0,
+            retain_as_published: fixed[1] & 2 != 0,
+            id: (id != 0).then_some(id as usize),
+        });
+    }
+    let mut queued = Vec::new();
+    for _ in 0..take_u32(&mut buf)? {
+        let topic = take_str(&mut buf)?;
+        let len = take_u32(&mut buf)? as usize;
+        let mut message = decode(topic.as_bytes(), take(&mut buf, len)?)?.message;
+        message.retain = false;
+        queued.push(message);
+    }
+    Some(SessionRecord {
+        expiry_secs,
+        subscriptions,
+        queued,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::PublishProperties;
+
+    fn message(topic: &str, payload: &'static [u8]) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: 1,
+            retain: true,
+            properties: Some(PublishProperties {
+                content_type: Some("application/json".into()),
+                message_expiry_interval: Some(60),
+                user_properties: vec![("fuente".into(), "test".into())],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let m = message("articulos/a/futbol", b"{}");
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let back = decode(m.topic.as_bytes(), encode(&m, at)).unwrap();
+        assert_eq!(back.stored_at, at);
+        assert_eq!(back.message.payload, m.payload);
+        assert_eq!(back.message.qos, 1);
+        assert_eq!(back.message.properties, m.properties);
+    }
+
+    #[test]
+    fn session_record_round_trip() {
+        let record = SessionRecord {
+            expiry_secs: u32::MAX,
+            subscriptions: vec![SavedSubscription {
+                filter: "articulos/+/futbol".into(),
+                qos: 1,
+                no_local: true,
+                retain_as_published: false,
+                id: Some(7),
+            }],
+            queued: vec![Message {
+                retain: false,
+                ..message("articulos/a/futbol", b"{}")
+            }],
+        };
+        assert_eq!(decode_session(encode_session(&record)), Some(record));
+        let id = SessionKey {
+            identity: "subscriber".into(),
+            client_id: "sub-1".into(),
+        };
+        assert_eq!(session_key(&key_of(&id)), Some(id));
+        assert_eq!(decode_session(Bytes::from_static(b"\x01\x00")), None);
+    }
+}
