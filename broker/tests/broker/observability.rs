@@ -180,3 +180,42 @@ async fn json_logs_are_parseable_with_client_fields() {
     assert_eq!(connected["addr"], c.local.to_string());
     assert_eq!(connected["level"], "INFO");
 }
+
+/// Every connection that ends after its CONNECT is counted by its reason.
+#[tokio::test]
+async fn disconnections_are_counted_by_reason() {
+    let broker = TestBroker::start().await;
+    let metrics = broker.handle.as_ref().unwrap().metrics_addr().unwrap();
+    let mut polite = broker.client("publisher", "d-polite").await;
+    polite
+        .send(rumqttc::mqttbytes::v4::Packet::Disconnect)
+        .await;
+    polite.expect_closed().await;
+    let mut rude = broker.client("publisher", "d-rude").await;
+    // A CONNACK is a packet only a server sends: a protocol violation.
+    rude.send_raw(&[0x20, 0x02, 0x00, 0x00]).await;
+    rude.expect_closed().await;
+    wait_for_log(&[
+        "connection closed for a protocol violation",
+        "client_id=d-rude",
+    ])
+    .await;
+    let body = scrape(metrics).await;
+    assert_eq!(
+        value(
+            &body,
+            r#"broker_disconnections_total{reason="client_disconnect"}"#
+        ),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            r#"broker_disconnections_total{reason="protocol_violation"}"#
+        ),
+        1.0,
+        "{body}"
+    );
+    broker.shutdown().await;
+}
