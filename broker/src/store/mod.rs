@@ -331,26 +331,11 @@ fn quarantine(path: &Path) -> Result<PathBuf, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use super::records::tests::message;
     use super::*;
-    use crate::message::PublishProperties;
 
     fn test_histogram() -> Histogram {
         Histogram::new([1.0])
-    }
-
-    fn message(topic: &str, payload: &'static [u8]) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos: 1,
-            retain: true,
-            properties: Some(PublishProperties {
-                content_type: Some("application/json".into()),
-                message_expiry_interval: Some(60),
-                user_properties: vec![("fuente".into(), "test".into())],
-                ..Default::default()
-            }),
-        }
     }
 
     #[tokio::test]

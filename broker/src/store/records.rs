@@ -172,11 +172,12 @@ pub(super) fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::message::PublishProperties;
 
-    fn message(topic: &str, payload: &'static [u8]) -> Message {
+    /// A retained message with properties, as the store's tests write it.
+    pub(in crate::store) fn message(topic: &str, payload: &'static [u8]) -> Message {
         Message {
             topic: topic.into(),
             payload: Bytes::from_static(payload),
