@@ -32,10 +32,54 @@ pub(super) struct Attachment {
     /// Topic aliases the client set (MQTT 5).
     aliases_in: HashMap<u16, String>,
     /// Topic aliases we set towards the client, up to its Topic Alias Maximum.
-    aliases_out: HashMap<String, u16>,
-    alias_max_out: u16,
+    pub(super) aliases_out: OutAliases,
     /// Its place under `max_connections`, released when the connection goes.
     _permit: OwnedSemaphorePermit,
+}
+
+/// The topic aliases we set towards a client (MQTT 5 §3.3.2.3.4), up to the Topic
+/// Alias Maximum it allows.
+pub(super) struct OutAliases {
+    by_topic: HashMap<String, u16>,
+    max: u16,
+}
+
+impl OutAliases {
+    fn new(max: u16) -> Self {
+        Self {
+            by_topic: HashMap::new(),
+            max,
+        }
+    }
+
+    /// Replaces a repeated topic by its alias, or gives a new topic an alias while the
+    /// client allows more. A new alias is returned, to `record` once the PUBLISH that
+    /// carries it is queued: an alias the client never received must not be reused.
+    pub(super) fn apply(&self, message: &mut Message) -> Option<(String, u16)> {
+        if self.max == 0 {
+            return None;
+        }
+        let (alias, new) = match self.by_topic.get(&message.topic) {
+            Some(&alias) => (alias, None),
+            None if self.by_topic.len() < usize::from(self.max) => {
+                let alias = self.by_topic.len() as u16 + 1;
+                (alias, Some((message.topic.clone(), alias)))
+            }
+            None => return None,
+        };
+        if new.is_none() {
+            message.topic.clear();
+        }
+        message
+            .properties
+            .get_or_insert_with(Default::default)
+            .topic_alias = Some(alias);
+        new
+    }
+
+    pub(super) fn record(&mut self, topic: String, alias: u16) {
+        self.by_topic.insert(topic, alias);
+    }
 }
 
 /// The client broke the topic alias rules (MQTT 5 §3.3.2.3.4).
@@ -59,11 +103,10 @@ impl Attachment {
             last_seen: Instant::now(),
             will: info.will,
             aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
-            alias_max_out: match info.version {
+            aliases_out: OutAliases::new(match info.version {
                 Version::V5 => info.topic_alias_max,
                 Version::V311 => 0,
-            },
+            }),
             _permit: client.permit,
         }
     }
@@ -87,30 +130,6 @@ impl Attachment {
             self.aliases_in.insert(alias, message.topic.clone());
         }
         Ok(())
-    }
-
-    /// Replaces a repeated topic by its alias, or gives a new topic an alias while the
-    /// client allows more (MQTT 5 §3.3.2.3.4).
-    pub(super) fn alias_outgoing(&mut self, message: &mut Message) {
-        if self.alias_max_out == 0 {
-            return;
-        }
-        let alias = match self.aliases_out.get(&message.topic) {
-            Some(&alias) => {
-                message.topic.clear();
-                alias
-            }
-            None if self.aliases_out.len() < usize::from(self.alias_max_out) => {
-                let alias = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(message.topic.clone(), alias);
-                alias
-            }
-            None => return,
-        };
-        message
-            .properties
-            .get_or_insert_with(Default::default)
-            .topic_alias = Some(alias);
     }
 
     /// When the connection has been silent too long.
@@ -138,5 +157,54 @@ pub(super) async fn read_attached(
         }
         Some(c) => Some(c.framed.read().await),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn publish(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos: 0,
+            retain: false,
+            properties: None,
+        }
+    }
+
+    fn alias_of(m: &Message) -> Option<u16> {
+        m.properties.as_ref().and_then(|p| p.topic_alias)
+    }
+
+    #[test]
+    fn a_topic_gets_an_alias_once_sent_then_goes_by_it() {
+        let mut aliases = OutAliases::new(2);
+        let mut first = publish("a/b");
+        let new = aliases.apply(&mut first);
+        assert_eq!(new, Some(("a/b".to_string(), 1)));
+        assert_eq!((first.topic.as_str(), alias_of(&first)), ("a/b", Some(1)));
+        // Not recorded (the first was never queued): the topic goes in full again.
+        let mut again = publish("a/b");
+        assert!(aliases.apply(&mut again).is_some());
+        assert_eq!(again.topic, "a/b");
+        aliases.record("a/b".into(), 1);
+        let mut known = publish("a/b");
+        assert_eq!(aliases.apply(&mut known), None);
+        assert_eq!((known.topic.as_str(), alias_of(&known)), ("", Some(1)));
+    }
+
+    #[test]
+    fn no_aliases_beyond_the_clients_maximum() {
+        let mut aliases = OutAliases::new(1);
+        aliases.record("a".into(), 1);
+        let mut other = publish("b");
+        assert_eq!(aliases.apply(&mut other), None);
+        assert_eq!((other.topic.as_str(), alias_of(&other)), ("b", None));
+        let mut none = publish("a");
+        assert_eq!(OutAliases::new(0).apply(&mut none), None);
+        assert_eq!(alias_of(&none), None);
     }
 }

@@ -147,12 +147,15 @@ impl Session {
     }
 
     async fn close_now(&mut self, reason: Close) {
-        if reason.discards_acks() {
+        if matches!(reason, Close::StorageFailure) {
+            // The store failed: waiting on it again would fail again.
             self.needs_sync = false;
         }
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        // Every path that takes the connection comes through here: the engine's window
+        // closes with it.
         self.outgoing.detach();
         self.shared.metrics.closed(reason.label());
         match &reason {

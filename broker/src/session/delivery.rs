@@ -110,18 +110,25 @@ impl Session {
                 .delivery_seconds
                 .observe(micros as f64 / 1e6);
         }
+        let expires = envelope
+            .properties
+            .as_ref()
+            .is_some_and(|p| p.message_expiry_interval.is_some());
         let received = envelope.received();
-        let message = Message {
+        let mut message = Message {
             topic,
             payload,
             qos,
             retain: matched.retain_as_published && envelope.retain,
             properties: envelope.properties,
         };
-        // Lowered by the time it waited; an expired message is not delivered.
-        let Some(mut message) = message.unexpired(received, SystemTime::now()) else {
-            return;
-        };
+        if expires {
+            // Lowered by the time it waited; an expired message is not delivered.
+            let Some(lowered) = message.unexpired(received, SystemTime::now()) else {
+                return;
+            };
+            message = lowered;
+        }
         if !matched.ids.is_empty() {
             message
                 .properties
@@ -181,7 +188,11 @@ impl Session {
 
     /// Moves queued messages into the inflight window.
     pub(super) fn pump(&mut self) {
-        while let Some(transmit) = self.outgoing.next(SystemTime::now()) {
+        if self.outgoing.queued() == 0 {
+            return;
+        }
+        let now = SystemTime::now();
+        while let Some(transmit) = self.outgoing.next(now) {
             self.transmit(transmit);
         }
     }
@@ -207,14 +218,15 @@ impl Session {
         let Some(c) = self.conn.as_mut() else {
             return Err(NotSent);
         };
-        let qos = match &mut packet {
-            Outbound::Publish { message, .. } => {
-                c.alias_outgoing(message);
-                Some(message.qos)
-            }
-            _ => None,
+        let (qos, new_alias) = match &mut packet {
+            Outbound::Publish { message, .. } => (Some(message.qos), c.aliases_out.apply(message)),
+            _ => (None, None),
         };
         c.framed.queue(packet)?;
+        // Recorded only now: an alias the client never received must not be reused.
+        if let Some((topic, alias)) = new_alias {
+            c.aliases_out.record(topic, alias);
+        }
         if let Some(qos) = qos {
             self.shared.metrics.sent(qos);
         }

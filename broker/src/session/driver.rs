@@ -220,7 +220,7 @@ impl Session {
             });
             match next.await {
                 Err(_) => return,
-                Ok(Drained::Inbox(delivery)) => self.accept(&delivery),
+                Ok(Drained::Inbox(delivery)) => self.on_inbox(delivery),
                 Ok(Drained::Link(note)) => {
                     if self.on_link(*note).is_err() {
                         return;

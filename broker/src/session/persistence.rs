@@ -41,9 +41,11 @@ impl Session {
         }
         self.outgoing.restore(record.queued, SystemTime::now());
         self.expiry = SessionExpiry::from_secs(record.expiry_secs);
-        if let Some(limit) = self.expiry.limit() {
-            self.expires_at = Some(Instant::now() + limit);
-        }
+        // A record that is not persistent (never written so) expires at once.
+        self.expires_at = match self.expiry {
+            SessionExpiry::Never => None,
+            other => Some(Instant::now() + other.limit().unwrap_or_default()),
+        };
         // A failure is logged where it happens; the session carries on without the
         // router, as it did before the restart would have.
         let _ = self.flush_router().await;
