@@ -81,6 +81,15 @@ pub struct SessionConfig {
     pub max_inflight: u16,
     /// Messages queued per session beyond the inflight window (offline included).
     pub max_queued: usize,
+    /// Bytes (topics and payloads) queued per session, at most.
+    pub max_queued_bytes: u64,
+    /// What an offline session's full queue gives up: the new message or the oldest.
+    pub queue_full: QueueFull,
+    /// Seconds a connected client may leave its queue full (not reading) before it is
+    /// disconnected as a slow consumer; its publishers wait meanwhile.
+    pub slow_consumer_secs: u64,
+    /// Messages of a persistent session's queue held in memory; the rest wait on disk.
+    pub in_memory: usize,
     /// Longest keep alive granted; a larger request is lowered (MQTT 5 Server Keep Alive).
     pub max_keepalive_secs: u16,
     /// Published messages a session's inbox holds before their publishers wait for it.
@@ -93,6 +102,19 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// A damaged store: `quarantine` (move it aside, start empty) or `fail`.
     pub on_corruption: OnCorruption,
+    /// Memory the store may use to cache what it read or wrote, in MiB.
+    pub cache_mb: u64,
+}
+
+/// What a full queue of an offline session gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFull {
+    /// The message that does not fit (as Mosquitto does).
+    #[default]
+    DropNew,
+    /// The oldest queued message, to make room.
+    DropOldest,
 }
 
 /// What to do with a store that cannot be read.
@@ -216,7 +238,11 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_inflight: 100,
-            max_queued: 10_000,
+            max_queued: 100_000,
+            max_queued_bytes: 64 << 20,
+            queue_full: QueueFull::DropNew,
+            slow_consumer_secs: 30,
+            in_memory: 1000,
             max_keepalive_secs: 3600,
             inbox: DEFAULT_INBOX,
         }
@@ -228,6 +254,7 @@ impl Default for StorageConfig {
         Self {
             data_dir: "data".into(),
             on_corruption: OnCorruption::Quarantine,
+            cache_mb: 64,
         }
     }
 }
@@ -313,6 +340,21 @@ impl Config {
         }
         if self.session.max_inflight == 0 {
             return bad("session.max_inflight", "must be at least 1");
+        }
+        if self.session.max_queued == 0 {
+            return bad("session.max_queued", "must be at least 1");
+        }
+        if self.session.max_queued_bytes == 0 {
+            return bad("session.max_queued_bytes", "must be at least 1");
+        }
+        if self.session.slow_consumer_secs == 0 {
+            return bad("session.slow_consumer_secs", "must be at least 1");
+        }
+        if self.session.in_memory == 0 {
+            return bad("session.in_memory", "must be at least 1");
+        }
+        if self.storage.cache_mb == 0 {
+            return bad("storage.cache_mb", "must be at least 1");
         }
         if self.session.inbox == 0 {
             return bad("session.inbox", "must be at least 1");

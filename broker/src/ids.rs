@@ -22,6 +22,11 @@ impl Default for Ids {
 }
 
 impl Ids {
+    /// Ids above `highest`: those the store holds from before a restart stay unique.
+    pub(crate) fn above(highest: u64) -> Self {
+        Self(AtomicU64::new(highest.saturating_add(1)))
+    }
+
     pub(crate) fn next(&self) -> u64 {
         self.0.fetch_add(1, Ordering::Relaxed)
     }

@@ -17,10 +17,10 @@ use crate::security::acl::Acl;
 use crate::security::pki;
 use crate::security::policy::Policy;
 use crate::security::tls::{self, TlsError};
-use crate::session::{self, Start};
+use crate::session::{self, Restored, Start};
 use crate::shared::registry::Registry;
 use crate::shared::Shared;
-use crate::store::{SessionRecord, Store, StoreError};
+use crate::store::{QueueState, SessionRecord, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
@@ -106,7 +106,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let metrics = Metrics::new();
     let config_max_connections = config.listener.max_connections;
-    let (store, retained, sessions) = open_store(&config, metrics.flush_seconds.clone()).await?;
+    let Opened {
+        store,
+        retained,
+        sessions,
+        max_id,
+    } = open_store(&config, metrics.flush_seconds.clone()).await?;
     let bind = config.listener.bind;
     let listener = TcpListener::bind(bind)
         .await
@@ -124,7 +129,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         store,
         registry: Registry::default(),
         metrics,
-        ids: Ids::default(),
+        ids: Ids::above(max_id),
         permits: Arc::new(Semaphore::new(config_max_connections)),
         sys: watch::channel(Arc::new(Vec::new())).0,
         config,
@@ -164,44 +169,86 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
-type Restored = (Arc<Store>, Retained, Vec<(SessionKey, SessionRecord)>);
+/// What the store held: the store, retained messages, persistent sessions with their
+/// queues, and the highest id in use.
+struct Opened {
+    store: Arc<Store>,
+    retained: Retained,
+    sessions: Vec<(SessionKey, SessionRecord, QueueState)>,
+    max_id: u64,
+}
 
 /// Opens the store and loads what it holds, before the listener opens.
-async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Restored, StartError> {
+async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Opened, StartError> {
     let started = std::time::Instant::now();
     let storage = &config.storage;
-    let opened = Store::open(&storage.data_dir, storage.on_corruption, flush_seconds).await?;
+    let opened = Store::open(
+        &storage.data_dir,
+        storage.on_corruption,
+        storage.cache_mb << 20,
+        flush_seconds,
+    )
+    .await?;
     if opened.unreadable_records > 0 {
         warn!(store = %opened.store.path().display(), skipped = opened.unreadable_records,
             "unreadable records skipped");
     }
     let store = Arc::new(opened.store);
     let retained = Retained::with_store(store.clone(), opened.messages);
+    let mut queues = opened.queues;
+    let mut max_id = opened.max_id;
+    let sessions: Vec<(SessionKey, SessionRecord, QueueState)> = opened
+        .sessions
+        .into_iter()
+        .map(|(key, record)| {
+            max_id = max_id.max(record.store_id);
+            let queue = queues.remove(&record.store_id).unwrap_or_default();
+            (key, record, queue)
+        })
+        .collect();
+    let queued: usize = sessions.iter().map(|(_, _, q)| q.count).sum();
     info!(
         messages = retained.len(),
-        sessions = opened.sessions.len(),
+        sessions = sessions.len(),
+        queued,
         quarantined = ?opened.quarantined,
         took_ms = started.elapsed().as_millis() as u64,
         "retained messages restored"
     );
-    Ok((store, retained, opened.sessions))
+    // Messages no queue refers to (a crash between two writes) go in the background.
+    let collector = store.clone();
+    tokio::task::spawn_blocking(move || match collector.collect_garbage() {
+        Ok(0) => {}
+        Ok(n) => info!(messages = n, "store: unreferenced queued messages removed"),
+        Err(e) => warn!(error = %e, "store: unreferenced queued messages not removed"),
+    });
+    Ok(Opened {
+        store,
+        retained,
+        sessions,
+        max_id,
+    })
 }
 
 /// Starts the persistent sessions saved before the last stop, offline, so messages
 /// published before their clients return are queued for them.
-fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionKey, SessionRecord)>) {
-    for (key, record) in sessions {
+fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionKey, SessionRecord, QueueState)>) {
+    for (key, mut record, queue) in sessions {
+        if record.store_id == 0 {
+            // Saved before durable queues.
+            record.store_id = shared.ids.next();
+        }
         let id = shared.ids.next();
         let rx = shared.registry.register(key.clone(), id);
         // In the index now, before the listener opens, rather than when the task runs.
         let (outbox, inbox) = session::restored(shared, id, &record);
-        tokio::spawn(session::run(
-            shared.clone(),
-            key,
-            id,
-            Start::Restored(record, outbox, inbox),
-            rx,
-        ));
+        let start = Start::Restored(Box::new(Restored {
+            record,
+            queue,
+            outbox,
+            inbox,
+        }));
+        tokio::spawn(session::run(shared.clone(), key, id, start, rx));
     }
 }
 

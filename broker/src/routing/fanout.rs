@@ -10,26 +10,64 @@
 use crate::message::Envelope;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 
 /// A published message on its way to the subscriber sessions, shared between them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Delivery {
     pub(crate) topic: String,
     pub(crate) payload: Bytes,
     pub(crate) envelope: Envelope,
 }
 
+/// A message handed to one subscriber session.
+#[derive(Debug, Clone)]
+pub(crate) struct Handed {
+    pub(crate) delivery: Arc<Delivery>,
+    /// The publisher stored it in the store for this session (a persistent session's
+    /// QoS 1/2 message), under the envelope's id.
+    pub(crate) stored: bool,
+}
+
 /// A session's end of the hand-over: bounded, so that a session that cannot keep up
-/// (starved of CPU, not a slow client: sessions queue for their clients themselves)
-/// slows its publishers down.
-pub(crate) type Inbox = mpsc::Receiver<Arc<Delivery>>;
-pub(crate) type Outbox = mpsc::Sender<Arc<Delivery>>;
+/// (starved of CPU, or holding a full queue for a slow client) slows its publishers.
+pub(crate) type Inbox = mpsc::Receiver<Handed>;
+
+/// The publishers' end of a session's inbox.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<Handed>,
+    /// The session's id in the store while it is persistent; 0 otherwise. Publishers
+    /// store its QoS 1/2 messages under it before they acknowledge them.
+    store_id: Arc<AtomicU64>,
+}
+
+impl Outbox {
+    /// The session's store id, 0 when its messages are not stored.
+    pub(crate) fn store_id(&self) -> u64 {
+        self.store_id.load(Ordering::Acquire)
+    }
+
+    /// Set by the session when it becomes persistent (its store id) or stops being (0).
+    pub(crate) fn set_store_id(&self, id: u64) {
+        self.store_id.store(id, Ordering::Release);
+    }
+
+    /// Room for one message, once there is some; Err when the session has ended.
+    pub(crate) async fn reserve(&self) -> Result<mpsc::Permit<'_, Handed>, mpsc::error::SendError<()>> {
+        self.tx.reserve().await
+    }
+}
 
 pub(crate) fn inbox(capacity: usize) -> (Outbox, Inbox) {
-    mpsc::channel(capacity.max(1))
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let outbox = Outbox {
+        tx,
+        store_id: Arc::new(AtomicU64::new(0)),
+    };
+    (outbox, rx)
 }
 
 /// The subscription index of plain filters, and the count of shared subscriptions,
@@ -109,10 +147,13 @@ impl Node {
 /// What a hand-over could not finish.
 #[derive(Default)]
 pub(crate) struct HandOver {
-    /// Inboxes that were full: the publisher waits for room in each.
-    pub(crate) full: Vec<Outbox>,
+    /// Inboxes that were full: the publisher waits for room in each, then hands over.
+    pub(crate) full: Vec<(Outbox, Handed)>,
     /// Sessions that ended (closed their inbox) after matching.
     pub(crate) ended: usize,
+    /// The message was stored for persistent sessions: wait for the store's flush
+    /// before acknowledging it.
+    pub(crate) stored: bool,
 }
 
 impl Fanout {
@@ -136,8 +177,14 @@ impl Fanout {
     }
 
     /// Offers `delivery` to every session with a matching filter, once per session.
+    /// For a QoS 1/2 message, `store` is first given the store ids of the persistent
+    /// sessions among them (none: not called); when it fails nothing is handed over.
     /// Full inboxes are returned, for the caller to wait on, and ended sessions counted.
-    pub(crate) fn hand_over(&self, delivery: &Arc<Delivery>) -> HandOver {
+    pub(crate) fn hand_over<E>(
+        &self,
+        delivery: &Arc<Delivery>,
+        store: impl FnOnce(&[u64]) -> Result<(), E>,
+    ) -> Result<HandOver, E> {
         let levels: Vec<&str> = delivery.topic.split('/').collect();
         let dollar = delivery.topic.starts_with('$');
         let root = self.read();
@@ -149,15 +196,29 @@ impl Fanout {
             targets.sort_unstable_by_key(|(id, _)| **id);
             targets.dedup_by_key(|(id, _)| **id);
         }
+        // Read once per target: a session may become persistent meanwhile.
+        let store_ids: Vec<u64> = match delivery.envelope.qos {
+            0 => vec![0; targets.len()],
+            _ => targets.iter().map(|(_, o)| o.store_id()).collect(),
+        };
         let mut outcome = HandOver::default();
-        for (_, outbox) in targets {
-            match outbox.try_send(delivery.clone()) {
+        if store_ids.iter().any(|id| *id != 0) {
+            let ids: Vec<u64> = store_ids.iter().copied().filter(|id| *id != 0).collect();
+            store(&ids)?;
+            outcome.stored = true;
+        }
+        for ((_, outbox), store_id) in targets.into_iter().zip(store_ids) {
+            let handed = Handed {
+                delivery: delivery.clone(),
+                stored: store_id != 0,
+            };
+            match outbox.tx.try_send(handed) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => outcome.full.push(outbox.clone()),
+                Err(mpsc::error::TrySendError::Full(h)) => outcome.full.push((outbox.clone(), h)),
                 Err(mpsc::error::TrySendError::Closed(_)) => outcome.ended += 1,
             }
         }
-        outcome
+        Ok(outcome)
     }
 
     pub(crate) fn shared_subscribed(&self) {
@@ -203,14 +264,22 @@ mod tests {
         })
     }
 
+    /// Hands over with nothing to store.
+    fn hand(fanout: &Fanout, delivery: &Arc<Delivery>) -> HandOver {
+        match fanout.hand_over(delivery, |_| Err(())) {
+            Ok(outcome) => outcome,
+            Err(()) => panic!("nothing persistent subscribed, nothing to store"),
+        }
+    }
+
     /// The session ids that received a message on `topic`.
     fn receivers(fanout: &Fanout, inboxes: &mut [(u64, Inbox)], topic: &str) -> Vec<u64> {
-        let outcome = fanout.hand_over(&delivery(topic));
+        let outcome = hand(fanout, &delivery(topic));
         assert!(outcome.full.is_empty() && outcome.ended == 0);
         let mut got = Vec::new();
         for (id, inbox) in inboxes.iter_mut() {
             while let Ok(d) = inbox.try_recv() {
-                assert_eq!(d.topic, topic);
+                assert_eq!(d.delivery.topic, topic);
                 got.push(*id);
             }
         }
@@ -270,7 +339,7 @@ mod tests {
         for filter in ["a/#", "a/+", "a/b", "#"] {
             fanout.subscribe(filter, 7, tx.clone());
         }
-        assert!(fanout.hand_over(&delivery("a/b")).full.is_empty());
+        assert!(hand(&fanout, &delivery("a/b")).full.is_empty());
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
     }
@@ -290,10 +359,10 @@ mod tests {
     #[test]
     fn a_full_inbox_is_reported_not_dropped() {
         let fanout = Fanout::default();
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = inbox(1);
         fanout.subscribe("t", 1, tx);
-        assert!(fanout.hand_over(&delivery("t")).full.is_empty());
-        assert_eq!(fanout.hand_over(&delivery("t")).full.len(), 1);
+        assert!(hand(&fanout, &delivery("t")).full.is_empty());
+        assert_eq!(hand(&fanout, &delivery("t")).full.len(), 1);
         assert!(rx.try_recv().is_ok());
     }
 
@@ -303,7 +372,34 @@ mod tests {
         let (tx, rx) = inbox(crate::config::DEFAULT_INBOX);
         fanout.subscribe("t", 1, tx);
         drop(rx);
-        let outcome = fanout.hand_over(&delivery("t"));
+        let outcome = hand(&fanout, &delivery("t"));
         assert_eq!((outcome.full.len(), outcome.ended), (0, 1));
+    }
+
+    #[test]
+    fn persistent_sessions_get_qos1_messages_stored_before_the_hand_over() {
+        let fanout = Fanout::default();
+        let (durable, mut durable_rx) = inbox(8);
+        let (plain, mut plain_rx) = inbox(8);
+        durable.set_store_id(42);
+        fanout.subscribe("t", 1, durable);
+        fanout.subscribe("t", 2, plain);
+        let mut qos1 = (*delivery("t")).clone();
+        qos1.envelope.qos = 1;
+        let qos1 = Arc::new(qos1);
+        let mut asked = Vec::new();
+        let outcome = fanout.hand_over(&qos1, |ids| {
+            asked.extend_from_slice(ids);
+            Ok::<(), ()>(())
+        });
+        assert!(outcome.is_ok());
+        assert_eq!(asked, [42]);
+        assert!(durable_rx.try_recv().unwrap().stored);
+        assert!(!plain_rx.try_recv().unwrap().stored);
+        // A failed store hands nothing over; QoS 0 is never stored.
+        assert!(fanout.hand_over(&qos1, |_| Err("disk full")).is_err());
+        assert!(durable_rx.try_recv().is_err() && plain_rx.try_recv().is_err());
+        hand(&fanout, &delivery("t"));
+        assert!(!durable_rx.try_recv().unwrap().stored);
     }
 }

@@ -30,6 +30,8 @@ pub(super) enum Close {
         why: String,
     },
     KeepAliveTimeout,
+    /// The client left its queue full for `slow_consumer_secs`: its publishers waited.
+    SlowConsumer,
     /// A new connection took the session over.
     TakenOver,
     ShuttingDown,
@@ -53,6 +55,7 @@ impl Close {
             | Self::WriteFailed(_) => None,
             Self::Violation { code, .. } => Some(*code),
             Self::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
+            Self::SlowConsumer => Some(reason::QUOTA_EXCEEDED),
             Self::TakenOver => Some(reason::SESSION_TAKEN_OVER),
             Self::ShuttingDown => Some(reason::SERVER_SHUTTING_DOWN),
             Self::Revoked => Some(reason::NOT_AUTHORIZED),
@@ -86,6 +89,7 @@ impl Close {
             Self::WriteFailed(e) => format!("write failed: {e}").into(),
             Self::Violation { why, .. } => why.as_str().into(),
             Self::KeepAliveTimeout => "keep alive timeout".into(),
+            Self::SlowConsumer => "slow consumer: its queue stayed full".into(),
             Self::TakenOver => "session taken over by a new connection".into(),
             Self::ShuttingDown => "broker shutting down".into(),
             Self::Revoked => "certificate revoked".into(),
@@ -104,6 +108,7 @@ impl Close {
             Self::WriteFailed(_) => "write_failed",
             Self::Violation { .. } => "protocol_violation",
             Self::KeepAliveTimeout => "keep_alive_timeout",
+            Self::SlowConsumer => "slow_consumer",
             Self::TakenOver => "taken_over",
             Self::ShuttingDown => "shutting_down",
             Self::Revoked => "revoked",
@@ -163,6 +168,12 @@ impl Session {
                 warn!(identity = %conn.identity, client_id = %conn.client_id, addr = %conn.addr,
                     reason = %why, "connection closed for a protocol violation");
             }
+            Close::SlowConsumer => {
+                warn!(identity = %conn.identity, client_id = %conn.client_id, addr = %conn.addr,
+                    queued = self.outgoing.queued(),
+                    secs = self.shared.config.session.slow_consumer_secs,
+                    "client disconnected as a slow consumer: it stopped reading and its queue stayed full");
+            }
             Close::Revoked => {
                 let serial = conn.serial_hex();
                 warn!(identity = %conn.identity, client_id = %conn.client_id, addr = %conn.addr,
@@ -179,8 +190,8 @@ impl Session {
         // acknowledge is handed over first, and made durable where it must be.
         self.hand_over().await;
         let routed = self.flush_router().await.is_ok();
-        let synced =
-            !std::mem::take(&mut self.needs_sync) || self.shared.retained.sync().await.is_ok();
+        let synced = !std::mem::take(&mut self.store_broken)
+            && (!std::mem::take(&mut self.needs_sync) || self.shared.retained.sync().await.is_ok());
         if !routed || !synced {
             conn.framed.discard_pending();
         }
@@ -254,6 +265,7 @@ mod tests {
             (Close::Disconnected { with_will: true }, None, true),
             (Close::SocketClosed, None, true),
             (Close::KeepAliveTimeout, Some(0x8D), true),
+            (Close::SlowConsumer, Some(0x97), true),
             (Close::TakenOver, Some(0x8E), false),
             (Close::ShuttingDown, Some(0x8B), false),
             (Close::Revoked, Some(0x87), true),

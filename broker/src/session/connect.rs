@@ -32,7 +32,7 @@ impl Session {
         self.expiry = info.session_expiry;
         self.expires_at = None;
         if was_saved || self.expiry.is_persistent() {
-            self.save(false);
+            self.became(self.expiry);
         }
 
         let max_keepalive = self.shared.config.session.max_keepalive_secs;
@@ -98,6 +98,7 @@ impl Session {
     /// Forgets all session state (Clean Start, or a session ended and begun again).
     pub(super) fn reset(&mut self) {
         self.unplace_all();
+        self.drop_stored_queue();
         // Messages matched for the old subscriptions go with the old inbox.
         (self.outbox, self.inbox) = fanout::inbox(self.shared.config.session.inbox);
         self.outgoing.clear();

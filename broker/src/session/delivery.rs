@@ -1,16 +1,16 @@
-//! Messages to this session's client: taken from the inbox, the router link or the
-//! `$SYS` channel, matched against the subscriptions, then written now, queued by the
-//! QoS engine (`outgoing`) or, for QoS 0 to a client that reads too slowly, dropped.
+//! Messages to this session's client: taken from the inbox, the router link, the
+//! `$SYS` channel or the store's queue, matched against the subscriptions, then written
+//! now, queued by the QoS engine (`outgoing`) or, for QoS 0 to a client that reads too
+//! slowly, dropped.
 
-use super::outgoing::{Admission, Resend, Transmit};
+use super::outgoing::{Admission, Owed, Resend, Transmit};
 use super::subscriptions::matching;
 use super::Session;
 use crate::message::{now_micros, Envelope, Message};
 use crate::protocol::{Outbound, TooLargeForClient};
-use crate::routing::fanout::Delivery;
+use crate::routing::fanout::Handed;
 use bytes::Bytes;
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::warn;
 
@@ -55,23 +55,36 @@ impl From<TooLargeForClient> for NotSent {
 }
 
 impl Session {
-    /// Takes messages from the inbox, the first one and what else is there.
-    pub(super) fn on_inbox(&mut self, first: Arc<Delivery>) {
+    /// Takes messages from the inbox, the first one and what else is there; stops
+    /// early when the queue of a connected client fills (its publishers then wait).
+    pub(super) fn on_inbox(&mut self, first: Handed) {
         self.recheck_subscriptions();
-        self.accept(&first);
+        self.accept(first);
         for _ in 1..BATCH {
+            if !self.takes_inbox() {
+                break;
+            }
             match self.inbox.try_recv() {
-                Ok(delivery) => self.accept(&delivery),
+                Ok(handed) => self.accept(handed),
                 Err(_) => break,
             }
         }
     }
 
-    pub(super) fn accept(&mut self, delivery: &Delivery) {
+    /// Whether the session takes more from its inbox now: not while its client is
+    /// connected and its queue is full, so that publishers wait rather than messages
+    /// being dropped.
+    pub(super) fn takes_inbox(&self) -> bool {
+        self.conn.is_none() || !self.outgoing.full()
+    }
+
+    pub(super) fn accept(&mut self, handed: Handed) {
+        let d = &handed.delivery;
         self.offer(
-            delivery.topic.clone(),
-            delivery.payload.clone(),
-            delivery.envelope.clone(),
+            d.topic.clone(),
+            d.payload.clone(),
+            d.envelope.clone(),
+            handed.stored,
         );
     }
 
@@ -87,19 +100,43 @@ impl Session {
                 received_at: now_micros(),
                 properties: None,
             };
-            self.offer(m.topic.clone(), m.payload.clone(), envelope);
+            self.offer(m.topic.clone(), m.payload.clone(), envelope, false);
         }
         self.flush().await;
     }
 
     /// Delivers a message to this session if one of its subscriptions matches.
-    pub(super) fn offer(&mut self, topic: String, payload: Bytes, envelope: Envelope) {
-        let Some(matched) = matching(&self.subs, &topic, envelope.origin == self.id) else {
-            return;
-        };
+    /// `stored`: the store holds it for this session, under the envelope's id.
+    pub(super) fn offer(&mut self, topic: String, payload: Bytes, envelope: Envelope, stored: bool) {
+        let id = envelope.id;
+        match self.prepare(topic, payload, envelope, true) {
+            Some(message) => self.deliver(
+                Owed {
+                    id,
+                    stored,
+                    message,
+                },
+                false,
+            ),
+            None if stored => self.release(id),
+            None => {}
+        }
+    }
+
+    /// The message as this session delivers it: QoS min(published, granted), retain
+    /// as its subscriptions ask, subscription identifiers, expiry lowered. None when no
+    /// subscription matches, it expired, or (`dedupe`) it arrived before.
+    pub(super) fn prepare(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        envelope: Envelope,
+        dedupe: bool,
+    ) -> Option<Message> {
+        let matched = matching(&self.subs, &topic, envelope.origin == self.id)?;
         // Overlapping filters: the router sends one copy per filter; deliver one.
-        if matched.count > 1 && !self.recent.insert(envelope.id) {
-            return;
+        if dedupe && matched.count > 1 && !self.recent.insert(envelope.id) {
+            return None;
         }
         let qos = envelope.qos.min(matched.granted);
         let immediate = self.conn.is_some() && (qos == 0 || self.outgoing.sends_now());
@@ -124,10 +161,7 @@ impl Session {
         };
         if expires {
             // Lowered by the time it waited; an expired message is not delivered.
-            let Some(lowered) = message.unexpired(received, SystemTime::now()) else {
-                return;
-            };
-            message = lowered;
+            message = message.unexpired(received, SystemTime::now())?;
         }
         if !matched.ids.is_empty() {
             message
@@ -135,41 +169,57 @@ impl Session {
                 .get_or_insert_with(Default::default)
                 .subscription_identifiers = matched.ids;
         }
-        self.deliver(message, false);
+        Some(message)
     }
 
     /// Sends a message now, or queues it; `force` ignores the queue limit (retained
-    /// messages on subscribe, bounded by the retained store itself).
-    pub(super) fn deliver(&mut self, message: Message, force: bool) {
-        if message.qos == 0 {
+    /// messages on subscribe, bounded by the retained store itself). A connected
+    /// client's queue never drops: its publishers wait instead (`takes_inbox`).
+    pub(super) fn deliver(&mut self, owed: Owed, force: bool) {
+        if owed.message.qos == 0 {
             // QoS 0 is not kept for offline clients, nor piled up for slow readers.
             let backlog = self.conn.as_ref().map_or(0, |c| c.framed.unwritten());
             if !force && backlog > QOS0_BACKLOG {
                 self.drop_message(
-                    &message.topic,
+                    &owed.message.topic,
                     "client reads too slowly: QoS 0 message dropped",
                 );
-                return;
+            } else {
+                let _ = self.send(Outbound::Publish {
+                    message: owed.message,
+                    pkid: 0,
+                    dup: false,
+                });
             }
-            let _ = self.send(Outbound::Publish {
-                message,
-                pkid: 0,
-                dup: false,
-            });
+            if owed.stored {
+                self.release(owed.id);
+            }
             return;
         }
-        match self.outgoing.admit(message, SystemTime::now(), force) {
+        let force = force || self.conn.is_some();
+        match self.outgoing.admit(owed, SystemTime::now(), force) {
             Admission::Send(transmit) => self.transmit(transmit),
-            Admission::Queued => {}
-            Admission::QueueFull(message) => self.drop_message(
-                &message.topic,
-                "session queue full (max_queued): message dropped",
-            ),
+            Admission::Queued | Admission::OnDisk => {}
+            Admission::Dropped(dropped) => {
+                self.drop_message(
+                    &dropped.message.topic,
+                    "session queue full (max_queued): message dropped",
+                );
+                if dropped.stored {
+                    self.release(dropped.id);
+                }
+            }
         }
     }
 
-    /// Writes a QoS 1/2 PUBLISH the engine put in flight.
-    fn transmit(&mut self, Transmit { pkid, message }: Transmit) {
+    /// Writes a QoS 1/2 PUBLISH the engine put in flight, and tells the store.
+    fn transmit(&mut self, Transmit { pkid, owed }: Transmit) {
+        let Owed {
+            id,
+            stored,
+            message,
+        } = owed;
+        let qos = message.qos;
         let sent = self.send(Outbound::Publish {
             message,
             pkid,
@@ -179,21 +229,39 @@ impl Session {
             let topic = self
                 .outgoing
                 .unsent(pkid)
-                .map(|m| m.topic)
+                .map(|o| o.message.topic)
                 .unwrap_or_default();
             warn!(client_id = %self.key.client_id, topic = %topic,
                 "message larger than the client's maximum packet size: not sent");
+            if stored {
+                self.release(id);
+            }
+            return;
+        }
+        if stored {
+            self.record_sent(id, pkid, false);
+            // Exactly once: a QoS 2 message's packet id is on disk before the client
+            // can see it, so a restart resends it under the same id.
+            self.needs_sync |= qos == 2;
         }
     }
 
-    /// Moves queued messages into the inflight window.
+    /// Moves queued messages into the inflight window, reading from the store what
+    /// waits there.
     pub(super) fn pump(&mut self) {
         if self.outgoing.queued() == 0 {
             return;
         }
         let now = SystemTime::now();
-        while let Some(transmit) = self.outgoing.next(now) {
+        loop {
+            self.read_from_disk();
+            let Some(transmit) = self.outgoing.next(now) else {
+                break;
+            };
             self.transmit(transmit);
+        }
+        for id in self.outgoing.take_expired() {
+            self.release(id);
         }
     }
 

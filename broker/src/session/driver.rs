@@ -8,7 +8,7 @@ use super::subscriptions::Place;
 use super::{attachment::read_attached, Session, Start};
 use crate::ids::SessionKey;
 use crate::protocol::{ConnectCode, Outbound};
-use crate::routing::fanout::{self, Delivery};
+use crate::routing::fanout::{self, Handed};
 use crate::shared::registry::{Client, Control};
 use crate::shared::Shared;
 use rumqttd::local::LinkError;
@@ -25,7 +25,7 @@ const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// What the shutdown drain took in.
 enum Drained {
-    Inbox(Arc<Delivery>),
+    Inbox(Handed),
     Link(Box<Result<Option<Notification>, LinkError>>),
 }
 
@@ -52,16 +52,22 @@ pub(crate) async fn run(
             client = Some(c);
             fanout::inbox(shared.config.session.inbox)
         }
-        Start::Restored(record, outbox, inbox) => {
-            restored = Some(record);
+        Start::Restored(r) => {
+            let super::Restored {
+                record,
+                queue,
+                outbox,
+                inbox,
+            } = *r;
+            restored = Some((record, queue));
             (outbox, inbox)
         }
     };
     let mut session = Session::new(shared, key, id, ctrl, outbox, inbox);
     if let Some(client) = client {
         session.attach(client, true).await;
-    } else if let Some(record) = restored {
-        session.restore(record).await;
+    } else if let Some((record, queue)) = restored {
+        session.restore(record, queue).await;
     }
     let exit = 'serving: loop {
         if session.serve().await == Exit::Shutdown {
@@ -124,6 +130,14 @@ impl Session {
     async fn serve(&mut self) -> Exit {
         loop {
             let keep_alive = self.conn.as_ref().and_then(|c| c.deadline());
+            // A connected client whose queue stays full holds its publishers back.
+            if self.conn.is_some() && self.outgoing.full() {
+                self.full_since.get_or_insert_with(Instant::now);
+            } else {
+                self.full_since = None;
+            }
+            let patience = Duration::from_secs(self.shared.config.session.slow_consumer_secs);
+            let slow_consumer = self.full_since.map(|since| since + patience);
             let expiry = if self.conn.is_none() {
                 self.expires_at
             } else {
@@ -144,7 +158,7 @@ impl Session {
                         self.on_read(read).await;
                     }
                 }
-                Some(first) = self.inbox.recv() => {
+                Some(first) = self.inbox.recv(), if self.takes_inbox() => {
                     self.on_inbox(first);
                     self.flush().await;
                 }
@@ -168,6 +182,9 @@ impl Session {
                 _ = sleep_until(keep_alive) => {
                     self.close(Close::KeepAliveTimeout).await;
                 }
+                _ = sleep_until(slow_consumer) => {
+                    self.close(Close::SlowConsumer).await;
+                }
                 _ = sleep_until(expiry) => {
                     info!(identity = %self.key.identity, client_id = %self.key.client_id, "session expired");
                     return Exit::Ended;
@@ -184,6 +201,10 @@ impl Session {
     /// its acknowledgement, then writes the acknowledgements and deliveries.
     pub(super) async fn flush(&mut self) {
         self.hand_over().await;
+        if std::mem::take(&mut self.store_broken) {
+            self.close(Close::StorageFailure).await;
+            return;
+        }
         if self.flush_router().await.is_err() {
             self.close(Close::RouterUnavailable).await;
             return;
@@ -233,7 +254,6 @@ impl Session {
 
     async fn teardown(&mut self, exit: Exit) {
         self.report_gauges(true);
-        self.report_drops();
         // The session ends before the Will Delay: the will goes now.
         if let (Exit::Ended, Some((_, will))) = (exit, self.pending_will.take()) {
             self.publish_will(will).await;
@@ -253,10 +273,23 @@ impl Session {
             self.shared.fanout.unsubscribe(filter, self.id);
         }
         self.inbox.close();
-        while let Ok(delivery) = self.inbox.try_recv() {
-            self.accept(&delivery);
+        while let Ok(handed) = self.inbox.try_recv() {
+            self.accept(handed);
         }
-        self.save(true);
+        let unstored = self.outgoing.unstored(std::time::SystemTime::now());
+        if self.expiry.is_persistent() {
+            // Stopping with the broker: the whole queue is in the store.
+            self.store_unstored(unstored.into_iter().map(|o| o.message).collect());
+        } else {
+            // Acknowledged to their publishers and never delivered: counted (the
+            // stored ones by `drop_stored_queue`).
+            let lost = unstored.len() as u64;
+            self.dropped += lost;
+            self.shared.metrics.dropped.inc_by(lost);
+            self.drop_stored_queue();
+        }
+        self.report_drops();
+        self.save();
         self.unplace_all();
         // Failures are logged where they happen; the session is ending either way.
         let _ = self.flush_router().await;

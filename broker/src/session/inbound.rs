@@ -141,6 +141,7 @@ impl Session {
             },
             2 => {
                 self.qos2_in.insert(pkid);
+                self.record_qos2(pkid, true);
                 Outbound::PubRec {
                     pkid,
                     reason: reason::SUCCESS,
@@ -176,19 +177,27 @@ impl Session {
 
     /// PUBACK or PUBCOMP: delivered; the window has room for the next.
     fn on_delivered(&mut self, pkid: u16) {
-        self.outgoing.acknowledged(pkid);
+        if let Some(owed) = self.outgoing.acknowledged(pkid) {
+            if owed.stored {
+                self.release(owed.id);
+            }
+        }
         self.pump();
     }
 
     /// PUBREC: the client has the message; release it.
     fn on_pubrec(&mut self, pkid: u16) {
-        self.outgoing.received(pkid);
+        if let Some((id, true)) = self.outgoing.received(pkid) {
+            self.record_sent(id, pkid, true);
+        }
         let _ = self.send(Outbound::PubRel { pkid });
     }
 
     /// PUBREL: the client releases a QoS 2 message it sent; complete it.
     fn on_pubrel(&mut self, pkid: u16) {
-        self.qos2_in.remove(&pkid);
+        if self.qos2_in.remove(&pkid) {
+            self.record_qos2(pkid, false);
+        }
         let _ = self.send(Outbound::PubComp { pkid });
     }
 
@@ -202,6 +211,7 @@ impl Session {
                 );
             }
             self.expiry = expiry;
+            self.became(expiry);
         }
         Close::Disconnected {
             with_will: code == reason::DISCONNECT_WITH_WILL,

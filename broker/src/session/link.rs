@@ -163,7 +163,9 @@ impl Session {
             error!(topic = %topic, "message without envelope from the router; dropped");
             return;
         };
-        self.offer(topic, payload, envelope);
+        // Through the router, `$share` messages are not stored: a group's member is
+        // chosen as the message arrives.
+        self.offer(topic, payload, envelope, false);
     }
 
     /// The only public way to unregister a link from the router: a link merely

@@ -16,7 +16,8 @@
 //! | `outgoing` | the QoS engine (window, queue, packet ids, resend, expiry), sans IO |
 //! | `subscriptions` | SUBSCRIBE, UNSUBSCRIBE, retained on subscribe, ACL re-check |
 //! | `link` | the router link for `$share` groups |
-//! | `persistence` | what the store keeps, and the restore |
+//! | `persistence` | the session record the store keeps, and the restore |
+//! | `spool` | a persistent session's queue in the store |
 //! | `close` | every reason a connection ends: DISCONNECT, log line, metric, will |
 //! | `telemetry` | gauges, denial and drop logging |
 //! | `attachment` | the socket side: keep alive, will, topic aliases |
@@ -31,6 +32,7 @@ mod link;
 mod outgoing;
 mod persistence;
 mod publish;
+mod spool;
 mod subscriptions;
 mod telemetry;
 
@@ -41,9 +43,10 @@ use crate::ids::SessionKey;
 use crate::message::{Message, Will};
 use crate::protocol::SessionExpiry;
 use crate::routing::fanout::{Delivery, Inbox, Outbox};
+use outgoing::Limits;
 use crate::shared::registry::{Client, Control};
 use crate::shared::Shared;
-use crate::store::SessionRecord;
+use crate::store::{QueueState, SessionRecord};
 use attachment::Attachment;
 use delivery::RecentIds;
 use link::RouterLink;
@@ -61,7 +64,16 @@ pub(crate) enum Start {
     Client(Box<Client>),
     /// Saved before the last stop; starts offline, its plain subscriptions already in
     /// the index (see [`restored`]).
-    Restored(SessionRecord, Outbox, Inbox),
+    Restored(Box<Restored>),
+}
+
+/// A session saved before the last stop, ready to start.
+pub(crate) struct Restored {
+    pub(crate) record: SessionRecord,
+    /// Its queue as the store found it.
+    pub(crate) queue: QueueState,
+    pub(crate) outbox: Outbox,
+    pub(crate) inbox: Inbox,
 }
 
 pub(crate) struct Session {
@@ -80,6 +92,12 @@ pub(crate) struct Session {
     /// The router link, made on the first packet for the router: an idle session
     /// costs the router nothing.
     link: Option<Box<RouterLink>>,
+    /// The session's id in the store while it is (or was) persistent; 0 before.
+    store_id: u64,
+    /// A store write failed in this batch: its acknowledgements must not go out.
+    store_broken: bool,
+    /// Since when a connected client's queue has been full (slow consumer).
+    full_since: Option<Instant>,
     /// Packets for the router in this batch, sent at the flush.
     to_router: Vec<RouterPacket>,
     /// Subscriptions by filter.
@@ -123,9 +141,19 @@ impl Session {
         inbox: Inbox,
     ) -> Self {
         let config = &shared.config.session;
+        let limits = Limits {
+            max_inflight: config.max_inflight,
+            max_queued: config.max_queued,
+            max_queued_bytes: config.max_queued_bytes,
+            queue_full: config.queue_full,
+            in_memory: config.in_memory,
+        };
         Self {
             sys: shared.sys.subscribe(),
-            outgoing: Outgoing::new(config.max_inflight, config.max_queued),
+            outgoing: Outgoing::new(limits),
+            store_id: 0,
+            store_broken: false,
+            full_since: None,
             pending_will: None,
             inbox,
             outbox,

@@ -1,18 +1,47 @@
 //! The outgoing QoS engine: which QoS 1/2 messages a session sends now, which wait, and
 //! what is in flight. Packet ids, the inflight window (the client's Receive Maximum
-//! capped by `max_inflight`), the queue behind it (`max_queued`), resending with DUP in
-//! the original order, and message expiry while queued. No socket, no shared state:
-//! the session feeds it events and the time, and writes what it returns.
+//! capped by `max_inflight`), the queue behind it and its limits (`max_queued`,
+//! `max_queued_bytes`, `queue_full`), resending with DUP in the original order, message
+//! expiry while queued, and which queued messages wait on disk rather than in memory
+//! (`in_memory`). No socket, no store, no shared state: the session feeds it events,
+//! messages read from disk and the time, and carries out what it returns.
+//!
+//! A message is `stored` when the store holds it for this session (a persistent
+//! session's QoS 1/2 messages, written by their publisher before its PUBACK). Only
+//! stored messages wait on disk; the session deletes a stored message from the store
+//! when the engine says it is delivered, expired or dropped.
 
+use crate::config::QueueFull;
 use crate::message::Message;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::SystemTime;
+
+/// The limits of one session's queue, from `[session]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_inflight: u16,
+    pub(crate) max_queued: usize,
+    pub(crate) max_queued_bytes: u64,
+    pub(crate) queue_full: QueueFull,
+    pub(crate) in_memory: usize,
+}
 
 pub(crate) struct Outgoing {
     /// Sent and not yet acknowledged, by packet id.
     inflight: HashMap<u16, Inflight>,
-    /// Waiting for room in the window or for the client, oldest first.
+    /// Waiting in memory for room in the window or for the client, oldest first.
     queue: VecDeque<Queued>,
+    /// Stored messages waiting on disk: all newer than those in `queue`.
+    on_disk: usize,
+    /// Their topic and payload bytes.
+    on_disk_bytes: u64,
+    /// Topic and payload bytes of `queue`.
+    bytes: u64,
+    /// Ids of the stored messages in `queue` or in flight: the rest of the stored ones
+    /// are on disk.
+    held: HashSet<u64>,
+    /// Stored messages that expired while queued: to delete from the store.
+    expired: Vec<u64>,
     /// The packet id handed out last; 0 is never used.
     last_pkid: u16,
     /// Counts sends, so that inflight messages are resent in the order first sent.
@@ -20,14 +49,26 @@ pub(crate) struct Outgoing {
     /// Room in flight: the attached client's Receive Maximum capped by
     /// `max_inflight`; 0 while no client is attached.
     window: usize,
-    /// `[session] max_inflight`.
-    max_inflight: usize,
-    /// `[session] max_queued`.
-    max_queued: usize,
+    limits: Limits,
+}
+
+/// A message owed to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Owed {
+    /// The message id (the envelope's); the store's key when `stored`.
+    pub(crate) id: u64,
+    pub(crate) stored: bool,
+    pub(crate) message: Message,
+}
+
+impl Owed {
+    fn size(&self) -> u64 {
+        (self.message.topic.len() + self.message.payload.len()) as u64
+    }
 }
 
 struct Inflight {
-    message: Message,
+    owed: Owed,
     seq: u64,
     /// PUBREC received, PUBREL sent: waiting for PUBCOMP.
     released: bool,
@@ -35,7 +76,7 @@ struct Inflight {
 
 /// A message waiting in the queue, with the moment its wait began (message expiry).
 struct Queued {
-    message: Message,
+    owed: Owed,
     since: SystemTime,
 }
 
@@ -43,7 +84,7 @@ struct Queued {
 #[derive(Debug, PartialEq)]
 pub(crate) struct Transmit {
     pub(crate) pkid: u16,
-    pub(crate) message: Message,
+    pub(crate) owed: Owed,
 }
 
 /// What became of a message offered for delivery.
@@ -51,10 +92,13 @@ pub(crate) struct Transmit {
 pub(crate) enum Admission {
     /// Write it now.
     Send(Transmit),
-    /// Queued behind the window, or for the client to return.
+    /// Queued in memory, behind the window or for the client to return.
     Queued,
-    /// The queue holds `max_queued` messages: not kept.
-    QueueFull(Message),
+    /// Left on disk (stored, and newer than what memory holds).
+    OnDisk,
+    /// The queue is full: this message (`queue_full = "drop_new"`) or the oldest
+    /// (`"drop_oldest"`) is given up.
+    Dropped(Owed),
 }
 
 /// What to write again when a client attaches, in the order first sent.
@@ -68,22 +112,34 @@ pub(crate) enum Resend {
     PubRel { pkid: u16 },
 }
 
+/// A message in flight when the broker stopped, as the store kept it.
+#[derive(Debug, PartialEq)]
+pub(crate) struct WasInflight {
+    pub(crate) pkid: u16,
+    pub(crate) released: bool,
+    pub(crate) owed: Owed,
+}
+
 impl Outgoing {
-    pub(crate) fn new(max_inflight: u16, max_queued: usize) -> Self {
+    pub(crate) fn new(limits: Limits) -> Self {
         Self {
             inflight: HashMap::new(),
             queue: VecDeque::new(),
+            on_disk: 0,
+            on_disk_bytes: 0,
+            bytes: 0,
+            held: HashSet::new(),
+            expired: Vec::new(),
             last_pkid: 0,
             seq: 0,
             window: 0,
-            max_inflight: usize::from(max_inflight),
-            max_queued,
+            limits,
         }
     }
 
     /// A client attached with this Receive Maximum: what is in flight goes again.
     pub(crate) fn attach(&mut self, receive_max: u16) -> Vec<Resend> {
-        self.window = usize::from(receive_max).min(self.max_inflight);
+        self.window = usize::from(receive_max).min(usize::from(self.limits.max_inflight));
         let mut order: Vec<(u64, u16)> = self.inflight.iter().map(|(p, m)| (m.seq, *p)).collect();
         order.sort_unstable();
         order
@@ -95,7 +151,7 @@ impl Outgoing {
                 } else {
                     Resend::Publish {
                         pkid,
-                        message: m.message.clone(),
+                        message: m.owed.message.clone(),
                     }
                 })
             })
@@ -110,106 +166,235 @@ impl Outgoing {
     /// Whether a message offered now would be written at once (nothing queued ahead of
     /// it, room in the window).
     pub(crate) fn sends_now(&self) -> bool {
-        self.queue.is_empty() && self.inflight.len() < self.window
+        self.queue.is_empty() && self.on_disk == 0 && self.inflight.len() < self.window
     }
 
-    /// Offers a QoS 1/2 message; `force` queues it even beyond `max_queued` (retained
-    /// messages on subscribe, bounded by the retained store itself).
-    pub(crate) fn admit(&mut self, message: Message, now: SystemTime, force: bool) -> Admission {
+    /// Whether the queue is at `max_queued` or `max_queued_bytes`.
+    pub(crate) fn full(&self) -> bool {
+        self.queued() >= self.limits.max_queued
+            || self.bytes + self.on_disk_bytes >= self.limits.max_queued_bytes
+    }
+
+    /// Offers a QoS 1/2 message; `force` queues it even when the queue is full (a
+    /// connected client's, which slows its publishers instead; retained messages on
+    /// subscribe, bounded by the retained store).
+    pub(crate) fn admit(&mut self, owed: Owed, now: SystemTime, force: bool) -> Admission {
         if self.sends_now() {
-            Admission::Send(self.track(message))
-        } else if force || self.queue.len() < self.max_queued {
-            self.queue.push_back(Queued {
-                message,
-                since: now,
-            });
-            Admission::Queued
+            return Admission::Send(self.track(owed));
+        }
+        let mut dropped = None;
+        if self.full() && !force {
+            match self.limits.queue_full {
+                QueueFull::DropNew => return Admission::Dropped(owed),
+                QueueFull::DropOldest => match self.queue.pop_front() {
+                    Some(oldest) => {
+                        self.forget(&oldest.owed);
+                        dropped = Some(oldest.owed);
+                    }
+                    // All of it on disk: the session refills first, so this is rare;
+                    // the new message is the one given up then.
+                    None => return Admission::Dropped(owed),
+                },
+            }
+        }
+        let admission = if owed.stored && (self.on_disk > 0 || self.queue.len() >= self.limits.in_memory)
+        {
+            self.on_disk += 1;
+            self.on_disk_bytes += owed.size();
+            Admission::OnDisk
         } else {
-            Admission::QueueFull(message)
+            self.hold(&owed);
+            self.queue.push_back(Queued { owed, since: now });
+            Admission::Queued
+        };
+        match dropped {
+            Some(oldest) => Admission::Dropped(oldest),
+            None => admission,
         }
     }
 
-    /// The next queued message that fits in the window; expired ones are skipped.
+    /// How many stored messages to read from disk now, if any: memory holds less than
+    /// half its share and more waits on disk.
+    pub(crate) fn wants_from_disk(&self) -> Option<usize> {
+        (self.on_disk > 0 && self.queue.len() < self.limits.in_memory.div_ceil(2))
+            .then(|| self.limits.in_memory - self.queue.len())
+    }
+
+    /// Whether the store's message `id` is already here (in memory or in flight), so a
+    /// read from disk skips it.
+    pub(crate) fn holds(&self, id: u64) -> bool {
+        self.held.contains(&id)
+    }
+
+    /// Messages read from disk, oldest first, each with the moment it was received;
+    /// `end`: nothing more is on disk.
+    pub(crate) fn loaded(&mut self, read: Vec<(Owed, SystemTime)>, end: bool) {
+        for (owed, since) in read {
+            self.on_disk = self.on_disk.saturating_sub(1);
+            self.on_disk_bytes = self.on_disk_bytes.saturating_sub(owed.size());
+            self.hold(&owed);
+            self.queue.push_back(Queued { owed, since });
+        }
+        if end {
+            self.on_disk = 0;
+            self.on_disk_bytes = 0;
+        }
+    }
+
+    /// A stored message read from disk turned out to need no delivery (it no longer
+    /// matches a subscription, or expired): it is no longer on disk either.
+    pub(crate) fn gone_from_disk(&mut self, bytes: u64) {
+        self.on_disk = self.on_disk.saturating_sub(1);
+        self.on_disk_bytes = self.on_disk_bytes.saturating_sub(bytes);
+    }
+
+    /// After a restart: what waits on disk, and what was in flight (resent on attach).
+    pub(crate) fn restore(&mut self, on_disk: usize, on_disk_bytes: u64, inflight: Vec<WasInflight>) {
+        self.on_disk = on_disk;
+        self.on_disk_bytes = on_disk_bytes;
+        for was in inflight {
+            self.seq += 1;
+            self.held.insert(was.owed.id);
+            self.last_pkid = self.last_pkid.max(was.pkid);
+            self.inflight.insert(
+                was.pkid,
+                Inflight {
+                    owed: was.owed,
+                    seq: self.seq,
+                    released: was.released,
+                },
+            );
+        }
+    }
+
+    /// The next queued message that fits in the window; expired ones are skipped (the
+    /// stored among them wait in `take_expired`). None also when the next ones are on
+    /// disk: see `wants_from_disk`.
     pub(crate) fn next(&mut self, now: SystemTime) -> Option<Transmit> {
         while self.inflight.len() < self.window {
             let queued = self.queue.pop_front()?;
-            if let Some(message) = queued.message.unexpired(queued.since, now) {
-                return Some(self.track(message));
+            self.bytes = self.bytes.saturating_sub(queued.owed.size());
+            let Owed {
+                id,
+                stored,
+                message,
+            } = queued.owed;
+            match message.unexpired(queued.since, now) {
+                Some(message) => {
+                    return Some(self.track_held(Owed {
+                        id,
+                        stored,
+                        message,
+                    }))
+                }
+                None if stored => {
+                    self.held.remove(&id);
+                    self.expired.push(id);
+                }
+                None => {}
             }
         }
         None
     }
 
+    /// Stored messages that expired in the queue, for the session to delete.
+    pub(crate) fn take_expired(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.expired)
+    }
+
     /// A transmit could not be written (larger than the client accepts): it is not in
-    /// flight after all. Returns the message.
-    pub(crate) fn unsent(&mut self, pkid: u16) -> Option<Message> {
-        self.inflight.remove(&pkid).map(|m| m.message)
+    /// flight after all. Returns the message, which the client will never get.
+    pub(crate) fn unsent(&mut self, pkid: u16) -> Option<Owed> {
+        let owed = self.inflight.remove(&pkid)?.owed;
+        self.held.remove(&owed.id);
+        Some(owed)
     }
 
-    /// PUBACK or PUBCOMP: the message is delivered. False for an unknown packet id.
-    pub(crate) fn acknowledged(&mut self, pkid: u16) -> bool {
-        self.inflight.remove(&pkid).is_some()
+    /// PUBACK or PUBCOMP: the message is delivered. None for an unknown packet id.
+    pub(crate) fn acknowledged(&mut self, pkid: u16) -> Option<Owed> {
+        let owed = self.inflight.remove(&pkid)?.owed;
+        self.held.remove(&owed.id);
+        Some(owed)
     }
 
-    /// PUBREC: the client has the message; PUBREL follows. False for an unknown id.
-    pub(crate) fn received(&mut self, pkid: u16) -> bool {
-        match self.inflight.get_mut(&pkid) {
-            Some(m) => {
-                m.released = true;
-                true
-            }
-            None => false,
-        }
+    /// PUBREC: the client has the message; PUBREL follows. The message's id and
+    /// whether it is stored; None for an unknown packet id.
+    pub(crate) fn received(&mut self, pkid: u16) -> Option<(u64, bool)> {
+        let m = self.inflight.get_mut(&pkid)?;
+        m.released = true;
+        Some((m.owed.id, m.owed.stored))
     }
 
-    /// Every message still owed to the client, in the order it would get them: those in
-    /// flight and not yet received, then the unexpired queue (expiry lowered).
-    pub(crate) fn owed(&self, now: SystemTime) -> Vec<Message> {
-        let mut inflight: Vec<&Inflight> = self.inflight.values().filter(|m| !m.released).collect();
+    /// The messages in memory that the store does not hold, in order: what a
+    /// persistent session must store before it stops. Those in flight and not yet
+    /// received come first; expiry is lowered.
+    pub(crate) fn unstored(&self, now: SystemTime) -> Vec<Owed> {
+        let mut inflight: Vec<&Inflight> = self
+            .inflight
+            .values()
+            .filter(|m| !m.released && !m.owed.stored)
+            .collect();
         inflight.sort_unstable_by_key(|m| m.seq);
-        let mut owed: Vec<Message> = inflight.into_iter().map(|m| m.message.clone()).collect();
-        owed.extend(
-            self.queue
-                .iter()
-                .filter_map(|q| q.message.clone().unexpired(q.since, now)),
-        );
+        let mut owed: Vec<Owed> = inflight.into_iter().map(|m| m.owed.clone()).collect();
+        owed.extend(self.queue.iter().filter(|q| !q.owed.stored).filter_map(|q| {
+            let message = q.owed.message.clone().unexpired(q.since, now)?;
+            Some(Owed {
+                message,
+                ..q.owed.clone()
+            })
+        }));
         owed
     }
 
-    /// Queues messages saved before a restart; their expiry counts from `now`.
-    pub(crate) fn restore(&mut self, messages: Vec<Message>, now: SystemTime) {
-        self.queue = messages
-            .into_iter()
-            .map(|message| Queued {
-                message,
-                since: now,
-            })
-            .collect();
-    }
-
-    /// Forgets everything (a new session under the same key).
+    /// Forgets everything (a new session under the same key); the store's copies are
+    /// the session's to delete.
     pub(crate) fn clear(&mut self) {
         self.inflight.clear();
         self.queue.clear();
+        self.held.clear();
+        self.expired.clear();
+        self.on_disk = 0;
+        self.on_disk_bytes = 0;
+        self.bytes = 0;
     }
 
-    /// Messages in the queue (not those in flight).
+    /// Messages queued, in memory and on disk (not those in flight).
     pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.on_disk
     }
 
-    fn track(&mut self, message: Message) -> Transmit {
+    fn hold(&mut self, owed: &Owed) {
+        self.bytes += owed.size();
+        if owed.stored {
+            self.held.insert(owed.id);
+        }
+    }
+
+    fn forget(&mut self, owed: &Owed) {
+        self.bytes = self.bytes.saturating_sub(owed.size());
+        self.held.remove(&owed.id);
+    }
+
+    /// Puts a message in flight that was not held yet.
+    fn track(&mut self, owed: Owed) -> Transmit {
+        if owed.stored {
+            self.held.insert(owed.id);
+        }
+        self.track_held(owed)
+    }
+
+    fn track_held(&mut self, owed: Owed) -> Transmit {
         let pkid = self.next_pkid();
         self.seq += 1;
         self.inflight.insert(
             pkid,
             Inflight {
-                message: message.clone(),
+                owed: owed.clone(),
                 seq: self.seq,
                 released: false,
             },
         );
-        Transmit { pkid, message }
+        Transmit { pkid, owed }
     }
 
     /// The next packet id after the last, skipping 0 and ids still in flight. The window
@@ -225,195 +410,4 @@ impl Outgoing {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::PublishProperties;
-    use bytes::Bytes;
-    use std::time::{Duration, UNIX_EPOCH};
-
-    fn msg(n: u32) -> Message {
-        Message {
-            topic: format!("t/{n}"),
-            payload: Bytes::from(n.to_string()),
-            qos: 1,
-            retain: false,
-            properties: None,
-        }
-    }
-
-    fn expiring(n: u32, secs: u32) -> Message {
-        Message {
-            properties: Some(PublishProperties {
-                message_expiry_interval: Some(secs),
-                ..Default::default()
-            }),
-            ..msg(n)
-        }
-    }
-
-    fn t(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
-    }
-
-    fn sent(admission: Admission) -> Transmit {
-        match admission {
-            Admission::Send(t) => t,
-            other => panic!("expected a send, got {other:?}"),
-        }
-    }
-
-    fn topics(messages: &[Message]) -> Vec<&str> {
-        messages.iter().map(|m| m.topic.as_str()).collect()
-    }
-
-    #[test]
-    fn offline_messages_wait_for_a_client() {
-        let mut out = Outgoing::new(10, 100);
-        assert_eq!(out.admit(msg(1), t(0), false), Admission::Queued);
-        assert!(!out.sends_now());
-        assert!(out.next(t(0)).is_none(), "no client: nothing goes out");
-        assert!(out.attach(u16::MAX).is_empty());
-        let first = out.next(t(1)).unwrap();
-        assert_eq!((first.pkid, first.message.topic.as_str()), (1, "t/1"));
-        assert!(out.next(t(1)).is_none());
-    }
-
-    #[test]
-    fn the_window_is_the_smaller_of_receive_maximum_and_max_inflight() {
-        for (receive_max, max_inflight, window) in [(3, 10, 3), (u16::MAX, 2, 2)] {
-            let mut out = Outgoing::new(max_inflight, 100);
-            out.attach(receive_max);
-            let sends = (0..10)
-                .filter(|n| matches!(out.admit(msg(*n), t(0), false), Admission::Send(_)))
-                .count();
-            assert_eq!(sends, window);
-            assert_eq!(out.queued(), 10 - window);
-        }
-    }
-
-    #[test]
-    fn an_acknowledgement_makes_room_for_the_next_in_order() {
-        let mut out = Outgoing::new(2, 100);
-        out.attach(u16::MAX);
-        let a = sent(out.admit(msg(1), t(0), false));
-        sent(out.admit(msg(2), t(0), false));
-        assert_eq!(out.admit(msg(3), t(0), false), Admission::Queued);
-        // Queued ahead: a new message waits behind msg 3 even with room.
-        assert!(out.next(t(0)).is_none());
-        assert!(out.acknowledged(a.pkid));
-        assert!(!out.acknowledged(a.pkid), "acknowledged once");
-        assert!(!out.sends_now(), "msg 3 goes before anything new");
-        assert_eq!(out.next(t(0)).unwrap().message.topic, "t/3");
-        assert_eq!(out.queued(), 0);
-    }
-
-    #[test]
-    fn the_queue_is_bounded_unless_forced() {
-        let mut out = Outgoing::new(1, 2);
-        assert_eq!(out.admit(msg(1), t(0), false), Admission::Queued);
-        assert_eq!(out.admit(msg(2), t(0), false), Admission::Queued);
-        assert_eq!(out.admit(msg(3), t(0), false), Admission::QueueFull(msg(3)));
-        assert_eq!(out.admit(msg(4), t(0), true), Admission::Queued);
-        assert_eq!(out.queued(), 3);
-    }
-
-    #[test]
-    fn packet_ids_wrap_around_skipping_zero_and_ids_in_flight() {
-        let mut out = Outgoing::new(u16::MAX, 100);
-        out.attach(u16::MAX);
-        out.last_pkid = u16::MAX - 2;
-        let keep = sent(out.admit(msg(0), t(0), false));
-        assert_eq!(keep.pkid, u16::MAX - 1);
-        let acked = sent(out.admit(msg(1), t(0), false));
-        assert_eq!(acked.pkid, u16::MAX);
-        out.acknowledged(acked.pkid);
-        assert_eq!(sent(out.admit(msg(2), t(0), false)).pkid, 1, "0 is skipped");
-        // All the way round: the id still in flight is skipped, a freed one reused.
-        out.last_pkid = u16::MAX - 2;
-        assert_eq!(sent(out.admit(msg(3), t(0), false)).pkid, u16::MAX);
-        assert_eq!(sent(out.admit(msg(4), t(0), false)).pkid, 2);
-    }
-
-    #[test]
-    fn reattaching_resends_in_the_original_order_with_pubrel_for_released() {
-        let mut out = Outgoing::new(10, 100);
-        out.attach(u16::MAX);
-        out.last_pkid = 65_000;
-        let ids: Vec<u16> = (1..=4)
-            .map(|n| sent(out.admit(msg(n), t(0), false)).pkid)
-            .collect();
-        out.received(ids[1]);
-        out.acknowledged(ids[2]);
-        out.detach();
-        assert!(!out.sends_now());
-        assert_eq!(
-            out.attach(u16::MAX),
-            vec![
-                Resend::Publish {
-                    pkid: ids[0],
-                    message: msg(1)
-                },
-                Resend::PubRel { pkid: ids[1] },
-                Resend::Publish {
-                    pkid: ids[3],
-                    message: msg(4)
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_message_that_cannot_be_written_is_not_in_flight() {
-        let mut out = Outgoing::new(1, 100);
-        out.attach(u16::MAX);
-        let big = sent(out.admit(msg(1), t(0), false));
-        assert_eq!(out.unsent(big.pkid), Some(msg(1)));
-        assert!(out.sends_now());
-        assert!(out.attach(u16::MAX).is_empty());
-    }
-
-    #[test]
-    fn queued_messages_expire_and_the_rest_have_their_expiry_lowered() {
-        let mut out = Outgoing::new(10, 100);
-        out.admit(expiring(1, 5), t(0), false);
-        out.admit(expiring(2, 60), t(0), false);
-        out.admit(msg(3), t(0), false);
-        let owed = out.owed(t(10));
-        assert_eq!(topics(&owed), ["t/2", "t/3"]);
-        out.attach(u16::MAX);
-        let first = out.next(t(10)).unwrap();
-        assert_eq!(first.message.topic, "t/2", "the expired one is skipped");
-        let left = first
-            .message
-            .properties
-            .and_then(|p| p.message_expiry_interval);
-        assert_eq!(left, Some(50));
-        assert_eq!(out.next(t(10)).unwrap().message.topic, "t/3");
-    }
-
-    #[test]
-    fn owed_lists_inflight_then_queue_and_restore_requeues_them() {
-        let mut out = Outgoing::new(2, 100);
-        out.attach(u16::MAX);
-        let a = sent(out.admit(msg(1), t(0), false));
-        let b = sent(out.admit(msg(2), t(0), false));
-        out.admit(msg(3), t(0), false);
-        out.received(b.pkid);
-        let owed = out.owed(t(0));
-        assert_eq!(
-            topics(&owed),
-            ["t/1", "t/3"],
-            "a released message is the client's"
-        );
-        assert!(out.acknowledged(a.pkid));
-
-        let mut back = Outgoing::new(2, 100);
-        back.restore(owed, t(100));
-        assert_eq!(back.queued(), 2);
-        back.attach(u16::MAX);
-        assert_eq!(back.next(t(100)).unwrap().message.topic, "t/1");
-        back.clear();
-        assert_eq!(back.queued(), 0);
-        assert!(back.attach(u16::MAX).is_empty());
-    }
-}
+mod tests;

@@ -1,21 +1,24 @@
-//! What of a persistent session the store keeps: its subscriptions and expiry when
-//! they change, what it owes its client at shutdown; and the restore after a restart.
+//! What the store keeps of a persistent session besides its queue (`spool`): its
+//! subscriptions, expiry, store id and delayed will, written whenever they change; and
+//! the restore after a restart.
 
 use super::subscriptions::{Place, Subscription};
 use super::Session;
+use crate::message::Will;
 use crate::protocol::SessionExpiry;
 use crate::routing::fanout::{self, Inbox, Outbox};
 use crate::shared::Shared;
-use crate::store::{SavedSubscription, SessionRecord};
+use crate::store::{QueueState, SavedSubscription, SavedWill, SessionRecord};
 use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::error;
 
 /// A saved session's plain subscriptions, placed in the index before the listener opens
-/// so that nothing published after a restart misses them; the inbox they feed, for
-/// `Start::Restored`.
+/// so that nothing published after a restart misses them (and is stored for it); the
+/// inbox they feed, for `Start::Restored`.
 pub(crate) fn restored(shared: &Shared, id: u64, record: &SessionRecord) -> (Outbox, Inbox) {
     let (outbox, inbox) = fanout::inbox(shared.config.session.inbox);
+    outbox.set_store_id(record.store_id);
     for s in &record.subscriptions {
         if Place::of(&s.filter) == Place::Index {
             shared.fanout.subscribe(&s.filter, id, outbox.clone());
@@ -25,8 +28,9 @@ pub(crate) fn restored(shared: &Shared, id: u64, record: &SessionRecord) -> (Out
 }
 
 impl Session {
-    /// Restores a saved session: subscriptions back in place, queue refilled.
-    pub(super) async fn restore(&mut self, record: SessionRecord) {
+    /// Restores a saved session: subscriptions back in place, its queue taken up where
+    /// the store holds it, a delayed will rescheduled.
+    pub(super) async fn restore(&mut self, record: SessionRecord, queue: QueueState) {
         for s in record.subscriptions {
             let place = Place::of(&s.filter);
             self.place(&s.filter, place);
@@ -39,21 +43,57 @@ impl Session {
             };
             self.subs.insert(s.filter, sub);
         }
-        self.outgoing.restore(record.queued, SystemTime::now());
+        self.store_id = record.store_id;
         self.expiry = SessionExpiry::from_secs(record.expiry_secs);
         // A record that is not persistent (never written so) expires at once.
         self.expires_at = match self.expiry {
             SessionExpiry::Never => None,
             other => Some(Instant::now() + other.limit().unwrap_or_default()),
         };
+        let mut queue = queue;
+        // Saved before durable queues: the queue moves into the store.
+        queue.count += record.queued.len();
+        queue.bytes += record
+            .queued
+            .iter()
+            .map(|m| (m.topic.len() + m.payload.len()) as u64)
+            .sum::<u64>();
+        self.store_unstored(record.queued);
+        self.take_up_queue(queue);
+        if let Some(will) = record.will {
+            let left = will
+                .due
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let will = Will {
+                message: will.message,
+                delay_secs: 0,
+            };
+            self.pending_will = Some((Instant::now() + left, will));
+        }
+        self.save();
         // A failure is logged where it happens; the session carries on without the
         // router, as it did before the restart would have.
         let _ = self.flush_router().await;
     }
 
-    /// Saves a persistent session's state, or removes a session that is no longer
-    /// persistent; `with_queue` at the end, when nothing more will arrive.
-    pub(super) fn save(&self, with_queue: bool) {
+    /// The session's expiry changed to `expiry`: a persistent session gets a store id,
+    /// its publishers store its messages from now on, and the record follows.
+    pub(super) fn became(&mut self, expiry: SessionExpiry) {
+        if expiry.is_persistent() {
+            if self.store_id == 0 {
+                self.store_id = self.shared.ids.next();
+            }
+            self.outbox.set_store_id(self.store_id);
+        } else {
+            self.outbox.set_store_id(0);
+        }
+        self.save();
+    }
+
+    /// Saves a persistent session's record, or removes a session that is no longer
+    /// persistent.
+    pub(super) fn save(&self) {
         let key = &self.key;
         let result = if !self.expiry.is_persistent() {
             self.shared.store.remove_session(key)
@@ -71,11 +111,13 @@ impl Session {
                         id: s.id,
                     })
                     .collect(),
-                queued: if with_queue {
-                    self.outgoing.owed(SystemTime::now())
-                } else {
-                    Vec::new()
-                },
+                // The queue is in the store itself, under `store_id`.
+                queued: Vec::new(),
+                store_id: self.store_id,
+                will: self.pending_will.as_ref().map(|(at, will)| SavedWill {
+                    message: will.message.clone(),
+                    due: SystemTime::now() + at.saturating_duration_since(Instant::now()),
+                }),
             };
             self.shared.store.put_session(key, &record)
         };

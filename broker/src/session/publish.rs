@@ -4,9 +4,9 @@
 
 use super::Session;
 use crate::message::{now_micros, Envelope, Message};
-use crate::routing::fanout::{Delivery, HandOver, Outbox};
+use crate::routing::fanout::{Delivery, HandOver, Handed, Outbox};
 use crate::routing::router;
-use crate::store::StoreError;
+use crate::store::{QueuedMessage, StoreError};
 use bytes::Bytes;
 use rumqttd::protocol::{self as rp, Packet as RouterPacket};
 use std::sync::Arc;
@@ -48,21 +48,49 @@ impl Session {
         Ok(())
     }
 
-    /// Hands this batch's messages to the subscriber sessions. Where an inbox is full
-    /// the publisher waits, and with it its acknowledgements: it is slowed down, and
-    /// nothing is dropped.
+    /// Hands this batch's messages to the subscriber sessions, after storing the QoS
+    /// 1/2 ones owed to persistent sessions (durable with this batch's flush, before
+    /// the publisher's acknowledgements go out). Where an inbox is full the publisher
+    /// waits, and with it its acknowledgements: it is slowed down, and nothing is
+    /// dropped.
     pub(super) async fn hand_over(&mut self) {
         if self.deliveries.is_empty() {
             return;
         }
         for delivery in std::mem::take(&mut self.deliveries) {
-            let HandOver { full, ended } = self.shared.fanout.hand_over(&delivery);
+            let store = &self.shared.store;
+            let stored = self.shared.fanout.hand_over(&delivery, |store_ids| {
+                let queued = QueuedMessage {
+                    message: Message {
+                        topic: delivery.topic.clone(),
+                        payload: delivery.payload.clone(),
+                        qos: delivery.envelope.qos,
+                        retain: delivery.envelope.retain,
+                        properties: delivery.envelope.properties.clone(),
+                    },
+                    origin: delivery.envelope.origin,
+                    received_at: delivery.envelope.received_at,
+                };
+                store.put_queued(delivery.envelope.id, &queued, store_ids)
+            });
+            let HandOver { full, ended, .. } = match stored {
+                Ok(outcome) => {
+                    self.needs_sync |= outcome.stored;
+                    outcome
+                }
+                Err(e) => {
+                    error!(client_id = %self.key.client_id, topic = %delivery.topic, error = %e,
+                        "message not stored for persistent sessions: not acknowledged");
+                    self.store_broken = true;
+                    continue;
+                }
+            };
             for _ in 0..ended {
                 self.lost_to_ended_session(&delivery.topic);
             }
-            for outbox in full {
+            for (outbox, handed) in full {
                 self.shared.metrics.publisher_waits.inc();
-                self.wait_for_room(&outbox, delivery.clone()).await;
+                self.wait_for_room(&outbox, handed).await;
             }
         }
         // The subscriber sessions just woken run first, on this thread, and write to
@@ -70,7 +98,7 @@ impl Session {
         tokio::task::yield_now().await;
     }
 
-    async fn wait_for_room(&mut self, outbox: &Outbox, delivery: Arc<Delivery>) {
+    async fn wait_for_room(&mut self, outbox: &Outbox, handed: Handed) {
         // One reservation for the whole wait: made again, it would lose its place in line.
         let reserve = outbox.reserve();
         tokio::pin!(reserve);
@@ -78,14 +106,14 @@ impl Session {
             tokio::select! {
                 permit = &mut reserve => {
                     match permit {
-                        Ok(permit) => permit.send(delivery),
-                        Err(_) => self.lost_to_ended_session(&delivery.topic),
+                        Ok(permit) => permit.send(handed),
+                        Err(_) => self.lost_to_ended_session(&handed.delivery.topic),
                     }
                     return;
                 }
                 // Our own inbox keeps draining meanwhile: two sessions publishing to
                 // each other never wait on each other for ever.
-                Some(incoming) = self.inbox.recv() => self.accept(&incoming),
+                Some(incoming) = self.inbox.recv() => self.accept(incoming),
             }
         }
     }

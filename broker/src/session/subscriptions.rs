@@ -4,6 +4,7 @@
 
 use super::close::Close;
 use super::link::{router_subscribe, router_unsubscribe};
+use super::outgoing::Owed;
 use super::Session;
 use crate::protocol::{reason, Outbound, SubRequest, Version};
 use crate::security::acl::Action;
@@ -153,7 +154,7 @@ impl Session {
         }
         let _ = self.send(Outbound::SubAck { pkid, codes });
         if self.expiry.is_persistent() {
-            self.save(false);
+            self.save();
         }
         // The subscription is in place before the retained snapshot is taken, so a
         // message published meanwhile arrives live if it is not in the snapshot.
@@ -170,7 +171,14 @@ impl Session {
                         .get_or_insert_with(Default::default)
                         .subscription_identifiers = vec![id];
                 }
-                self.deliver(message, true);
+                self.deliver(
+                    Owed {
+                        id: 0,
+                        stored: false,
+                        message,
+                    },
+                    true,
+                );
             }
         }
         Ok(())
@@ -190,7 +198,7 @@ impl Session {
         // Always answered here: the router never acknowledges an unknown filter.
         let _ = self.send(Outbound::UnsubAck { pkid, codes });
         if self.expiry.is_persistent() {
-            self.save(false);
+            self.save();
         }
     }
 

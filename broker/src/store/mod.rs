@@ -3,9 +3,11 @@
 //! and persistent sessions (subscriptions, and their queues at shutdown). `records`
 //! says how each is written.
 
+mod queues;
 mod records;
 
-pub(crate) use records::{SavedSubscription, SessionRecord, Stored};
+pub(crate) use queues::QueueState;
+pub(crate) use records::{QueuedMessage, SavedSubscription, SavedWill, SessionRecord, Stored};
 
 use crate::config::OnCorruption;
 use crate::ids::SessionKey;
@@ -25,6 +27,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error("storage {path}: write failed: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error("storage {path}: read failed: {reason}")]
+    Read { path: PathBuf, reason: String },
 }
 
 /// What opening found.
@@ -32,6 +36,10 @@ pub(crate) struct Opened {
     pub(crate) store: Store,
     pub(crate) messages: Vec<Stored>,
     pub(crate) sessions: Vec<(SessionKey, SessionRecord)>,
+    /// Persistent sessions' queues, by store id.
+    pub(crate) queues: std::collections::HashMap<u64, QueueState>,
+    /// The highest message id the store holds: new ids start above it.
+    pub(crate) max_id: u64,
     /// Where a damaged store was moved, if it was.
     pub(crate) quarantined: Option<PathBuf>,
     pub(crate) unreadable_records: usize,
@@ -39,8 +47,12 @@ pub(crate) struct Opened {
 
 pub(crate) struct Store {
     path: PathBuf,
+    /// Retained messages by topic.
     tree: sled::Tree,
+    /// Persistent sessions by (identity, client id).
     sessions: sled::Tree,
+    /// Persistent sessions' queues.
+    queues: queues::Queues,
     db: sled::Db,
     flush_requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
     /// The group-commit task; awaited when a test reopens the store in-process.
@@ -54,11 +66,12 @@ impl Store {
     pub(crate) async fn open(
         data_dir: &Path,
         on_corruption: OnCorruption,
+        cache_bytes: u64,
         flush_seconds: Histogram,
     ) -> Result<Opened, StoreError> {
         let path = data_dir.join("retained");
         let mut quarantined = None;
-        let db = match open_db(&path).await {
+        let db = match open_db(&path, cache_bytes).await {
             Ok(db) => db,
             Err(OpenFailure::Io(reason) | OpenFailure::Locked(reason)) => {
                 return Err(StoreError::Open { path, reason })
@@ -70,7 +83,7 @@ impl Store {
                     error!(store = %path.display(), moved_to = %aside.display(), reason = %reason,
                         "retained store damaged: moved aside, starting with an empty store");
                     quarantined = Some(aside);
-                    open_db(&path).await.map_err(|e| StoreError::Open {
+                    open_db(&path, cache_bytes).await.map_err(|e| StoreError::Open {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?
@@ -109,6 +122,11 @@ impl Store {
                 None => unreadable_records += 1,
             }
         }
+        let (queues, found) = queues::Queues::open(&db).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        unreadable_records += found.unreadable;
         let (flush_requests, requests) = mpsc::unbounded_channel();
         let flusher = tokio::spawn(group_commit(db.clone(), requests, flush_seconds));
         Ok(Opened {
@@ -116,12 +134,15 @@ impl Store {
                 path,
                 tree,
                 sessions: session_tree,
+                queues,
                 db,
                 flush_requests,
                 flusher,
             },
             messages,
             sessions,
+            queues: found.queues,
+            max_id: found.max_id,
             quarantined,
             unreadable_records,
         })
@@ -173,6 +194,76 @@ impl Store {
             .map_err(|e| self.write_error(e.to_string()))
     }
 
+    /// Stores message `id` once, queued for each of `store_ids` (durable with the next
+    /// `sync`).
+    pub(crate) fn put_queued(
+        &self,
+        id: u64,
+        queued: &QueuedMessage,
+        store_ids: &[u64],
+    ) -> Result<(), StoreError> {
+        self.queues
+            .put(id, queued, store_ids)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// The oldest messages of a session's queue that `skip` does not hold, up to `max`,
+    /// and whether nothing more is queued.
+    pub(crate) fn read_queue(
+        &self,
+        store_id: u64,
+        skip: impl Fn(u64) -> bool,
+        max: usize,
+    ) -> Result<(Vec<(u64, QueuedMessage)>, bool), StoreError> {
+        self.queues
+            .read(store_id, skip, max)
+            .map_err(|e| self.read_error(e.to_string()))
+    }
+
+    pub(crate) fn queued_message(&self, id: u64) -> Result<Option<QueuedMessage>, StoreError> {
+        self.queues
+            .message(id)
+            .map_err(|e| self.read_error(e.to_string()))
+    }
+
+    /// A session is done with message `id`.
+    pub(crate) fn release(&self, store_id: u64, id: u64) -> Result<(), StoreError> {
+        self.queues
+            .release(store_id, id)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Message `id` went out to a session with `pkid` (`released`: PUBREC came back).
+    pub(crate) fn sent(&self, store_id: u64, id: u64, pkid: u16, released: bool) -> Result<(), StoreError> {
+        self.queues
+            .sent(store_id, id, pkid, released)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// An inbound QoS 2 message was routed (`received`), or released by PUBREL.
+    pub(crate) fn qos2(&self, store_id: u64, pkid: u16, received: bool) -> Result<(), StoreError> {
+        let done = if received {
+            self.queues.qos2_received(store_id, pkid)
+        } else {
+            self.queues.qos2_released(store_id, pkid)
+        };
+        done.map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Removes all a session had queued; returns how many messages that was.
+    pub(crate) fn drop_session_queue(&self, store_id: u64) -> Result<usize, StoreError> {
+        self.queues
+            .drop_session(store_id)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Removes messages no queue refers to; how many.
+    pub(crate) fn collect_garbage(&self) -> Result<usize, StoreError> {
+        self.queues
+            .collect_garbage()
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
     /// Returns once everything written so far is on disk. Concurrent callers share
     /// one flush.
     pub(crate) async fn sync(&self) -> Result<(), StoreError> {
@@ -216,6 +307,13 @@ impl Store {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn read_error(&self, reason: String) -> StoreError {
+        StoreError::Read {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     fn write_error(&self, reason: String) -> StoreError {
@@ -269,10 +367,10 @@ impl std::fmt::Display for OpenFailure {
 /// release the store's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-async fn open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
+async fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {
     let deadline = tokio::time::Instant::now() + LOCK_WAIT;
     loop {
-        match try_open_db(path).await {
+        match try_open_db(path, cache_bytes).await {
             Err(OpenFailure::Locked(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -286,11 +384,16 @@ async fn open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
     }
 }
 
-async fn try_open_db(path: &Path) -> Result<sled::Db, OpenFailure> {
+async fn try_open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {
     let owned = path.to_path_buf();
     // sled may panic on some damaged files instead of returning an error.
     let opened = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(|| sled::Config::new().path(owned).open())
+        std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(owned)
+                .cache_capacity(cache_bytes)
+                .open()
+        })
     })
     .await;
     match opened {
@@ -342,7 +445,7 @@ mod tests {
     async fn put_sync_reopen_delete() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let opened = Store::open(dir.path(), OnCorruption::Fail, test_histogram())
+            let opened = Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram())
                 .await
                 .unwrap();
             assert!(opened.messages.is_empty());
@@ -361,7 +464,7 @@ mod tests {
             opened.store.sync().await.unwrap();
             opened.store.shutdown().await.unwrap();
         }
-        let opened = Store::open(dir.path(), OnCorruption::Fail, test_histogram())
+        let opened = Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram())
             .await
             .unwrap();
         let topics: Vec<_> = opened
@@ -379,13 +482,13 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join("conf"), b"\xde\xad\xbe\xef garbage").unwrap();
         std::fs::write(store.join("db"), vec![0xA5u8; 4096]).unwrap();
-        let err = match Store::open(dir.path(), OnCorruption::Fail, test_histogram()).await {
+        let err = match Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram()).await {
             Err(e) => e.to_string(),
             Ok(_) => panic!("garbage opened as a store"),
         };
         assert!(err.contains("retained") && err.contains("damaged"), "{err}");
         // The quarantined store, reopened, is empty and usable.
-        let opened = Store::open(dir.path(), OnCorruption::Quarantine, test_histogram())
+        let opened = Store::open(dir.path(), OnCorruption::Quarantine, 8 << 20, test_histogram())
             .await
             .unwrap();
         let aside = opened.quarantined.expect("moved aside");

@@ -10,6 +10,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const RECORD_VERSION: u8 = 1;
+/// Session records since durable queues: a store id and a delayed will follow.
+const SESSION_VERSION: u8 = 2;
 
 /// A stored retained message and when it was stored (for message expiry).
 pub(crate) struct Stored {
@@ -23,8 +25,31 @@ pub(crate) struct SessionRecord {
     /// MQTT 5 Session Expiry Interval as encoded (u32::MAX: never).
     pub(crate) expiry_secs: u32,
     pub(crate) subscriptions: Vec<SavedSubscription>,
-    /// Messages owed to the client (saved at shutdown).
+    /// Messages owed to the client, in records written before durable queues (their
+    /// queue is now in the store under `store_id`); read to move them there.
     pub(crate) queued: Vec<Message>,
+    /// The session's id in the store: its queue, in-flight and QoS 2 records are keyed
+    /// by it. 0 in records written before durable queues.
+    pub(crate) store_id: u64,
+    /// A will waiting for its delay, and when it is due.
+    pub(crate) will: Option<SavedWill>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SavedWill {
+    pub(crate) message: Message,
+    pub(crate) due: SystemTime,
+}
+
+/// A message in the store's queue of one or more sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct QueuedMessage {
+    /// As published: its QoS, retain flag and properties.
+    pub(crate) message: Message,
+    /// The publishing session (MQTT 5 No Local).
+    pub(crate) origin: u64,
+    /// When the broker received it, µs since the Unix epoch (message expiry).
+    pub(crate) received_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +143,7 @@ fn take_str(buf: &mut Bytes) -> Option<String> {
 
 pub(super) fn encode_session(record: &SessionRecord) -> Bytes {
     let mut buf = BytesMut::new();
-    buf.put_u8(RECORD_VERSION);
+    buf.put_u8(SESSION_VERSION);
     buf.put_u32(record.expiry_secs);
     buf.put_u32(record.subscriptions.len() as u32);
     for s in &record.subscriptions {
@@ -135,11 +160,29 @@ pub(super) fn encode_session(record: &SessionRecord) -> Bytes {
         buf.put_u32(body.len() as u32);
         buf.put_slice(&body);
     }
+    buf.put_u64(record.store_id);
+    match &record.will {
+        None => buf.put_u8(0),
+        Some(will) => {
+            buf.put_u8(1);
+            buf.put_u64(millis(will.due));
+            put_str(&mut buf, &will.message.topic);
+            let body = encode(&will.message, will.due);
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(&body);
+            buf.put_u8(u8::from(will.message.retain));
+        }
+    }
     buf.freeze()
 }
 
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 pub(super) fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
-    if take(&mut buf, 1)?[0] != RECORD_VERSION {
+    let version = take(&mut buf, 1)?[0];
+    if version != RECORD_VERSION && version != SESSION_VERSION {
         return None;
     }
     let expiry_secs = take_u32(&mut buf)?;
@@ -164,11 +207,112 @@ pub(super) fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
         message.retain = false;
         queued.push(message);
     }
+    let (mut store_id, mut will) = (0, None);
+    if version == SESSION_VERSION {
+        store_id = take(&mut buf, 8)?.get_u64();
+        if take(&mut buf, 1)?[0] == 1 {
+            let due = UNIX_EPOCH + Duration::from_millis(take(&mut buf, 8)?.get_u64());
+            let topic = take_str(&mut buf)?;
+            let len = take_u32(&mut buf)? as usize;
+            let mut message = decode(topic.as_bytes(), take(&mut buf, len)?)?.message;
+            message.retain = take(&mut buf, 1)?[0] == 1;
+            will = Some(SavedWill { message, due });
+        }
+    }
     Some(SessionRecord {
         expiry_secs,
         subscriptions,
         queued,
+        store_id,
+        will,
     })
+}
+
+/// `store_id` then `id`, big-endian: a session's entries sort by message id.
+pub(super) fn entry_key(store_id: u64, id: u64) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&store_id.to_be_bytes());
+    key[8..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The `(store_id, id)` of an entry key.
+pub(super) fn split_entry_key(key: &[u8]) -> Option<(u64, u64)> {
+    let key: &[u8; 16] = key.try_into().ok()?;
+    let (store_id, id) = key.split_at(8);
+    Some((
+        u64::from_be_bytes(store_id.try_into().ok()?),
+        u64::from_be_bytes(id.try_into().ok()?),
+    ))
+}
+
+const HAS_PROPERTIES: u8 = 0b100;
+const RETAIN: u8 = 0b1000;
+
+pub(super) fn encode_queued(q: &QueuedMessage) -> Bytes {
+    let m = &q.message;
+    let props = m.properties.as_ref().map(encode_properties);
+    let props_len = props.as_ref().map_or(0, |p| p.len());
+    let mut buf = BytesMut::with_capacity(30 + props_len + m.topic.len() + m.payload.len());
+    buf.put_u8(RECORD_VERSION);
+    let mut flags = m.qos & 0b11;
+    if props.is_some() {
+        flags |= HAS_PROPERTIES;
+    }
+    if m.retain {
+        flags |= RETAIN;
+    }
+    buf.put_u8(flags);
+    buf.put_u64(q.origin);
+    buf.put_u64(q.received_at);
+    if let Some(p) = props {
+        buf.put_u32(p.len() as u32);
+        buf.put_slice(&p);
+    }
+    put_str(&mut buf, &m.topic);
+    buf.put_slice(&m.payload);
+    buf.freeze()
+}
+
+pub(super) fn decode_queued(mut buf: Bytes) -> Option<QueuedMessage> {
+    if take(&mut buf, 1)?[0] != RECORD_VERSION {
+        return None;
+    }
+    let flags = take(&mut buf, 1)?[0];
+    let origin = take(&mut buf, 8)?.get_u64();
+    let received_at = take(&mut buf, 8)?.get_u64();
+    let properties = if flags & HAS_PROPERTIES != 0 {
+        let len = take_u32(&mut buf)? as usize;
+        Some(decode_properties(take(&mut buf, len)?)?)
+    } else {
+        None
+    };
+    let topic = take_str(&mut buf)?;
+    Some(QueuedMessage {
+        message: Message {
+            topic,
+            payload: buf,
+            qos: (flags & 0b11).min(2),
+            retain: flags & RETAIN != 0,
+            properties,
+        },
+        origin,
+        received_at,
+    })
+}
+
+/// What the store knows of a message in flight to a session: its packet id, and
+/// whether PUBREC came back (PUBREL sent).
+pub(super) fn encode_sent(pkid: u16, released: bool) -> [u8; 3] {
+    let [a, b] = pkid.to_be_bytes();
+    [a, b, u8::from(released)]
+}
+
+pub(super) fn decode_sent(value: &[u8]) -> Option<(u16, bool)> {
+    match value {
+        [a, b, r] => Some((u16::from_be_bytes([*a, *b]), *r == 1)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +362,11 @@ pub(super) mod tests {
                 retain: false,
                 ..message("articulos/a/futbol", b"{}")
             }],
+            store_id: 9,
+            will: Some(SavedWill {
+                message: message("clientes/s/estado", b"offline"),
+                due: UNIX_EPOCH + Duration::from_millis(1_800_000_000_123),
+            }),
         };
         assert_eq!(decode_session(encode_session(&record)), Some(record));
         let id = SessionKey {
@@ -226,5 +375,52 @@ pub(super) mod tests {
         };
         assert_eq!(session_key(&key_of(&id)), Some(id));
         assert_eq!(decode_session(Bytes::from_static(b"\x01\x00")), None);
+    }
+
+    #[test]
+    fn sessions_saved_before_durable_queues_still_load() {
+        // Version 1: expiry 600, no subscription, one queued message.
+        let m = Message {
+            retain: false,
+            ..message("a/b", b"x")
+        };
+        let mut v1 = BytesMut::new();
+        v1.put_u8(1);
+        v1.put_u32(600);
+        v1.put_u32(0);
+        v1.put_u32(1);
+        put_str(&mut v1, &m.topic);
+        let body = encode(&m, SystemTime::now());
+        v1.put_u32(body.len() as u32);
+        v1.put_slice(&body);
+        let record = decode_session(v1.freeze()).unwrap();
+        assert_eq!((record.expiry_secs, record.store_id), (600, 0));
+        assert_eq!(record.queued, vec![m]);
+        assert_eq!(record.will, None);
+    }
+
+    #[test]
+    fn queued_messages_and_entry_keys_round_trip() {
+        let q = QueuedMessage {
+            message: message("articulos/a/futbol", b"{}"),
+            origin: 7,
+            received_at: 1_700_000_000_000_001,
+        };
+        assert_eq!(decode_queued(encode_queued(&q)), Some(q.clone()));
+        let plain = QueuedMessage {
+            message: Message {
+                properties: None,
+                retain: false,
+                qos: 2,
+                ..q.message.clone()
+            },
+            ..q
+        };
+        assert_eq!(decode_queued(encode_queued(&plain)), Some(plain));
+        assert_eq!(decode_queued(Bytes::from_static(b"\x01\x05")), None);
+        assert_eq!(split_entry_key(&entry_key(3, u64::MAX)), Some((3, u64::MAX)));
+        assert!(entry_key(1, 2) < entry_key(1, 3) && entry_key(1, u64::MAX) < entry_key(2, 0));
+        assert_eq!(decode_sent(&encode_sent(513, true)), Some((513, true)));
+        assert_eq!(decode_sent(b"\x01"), None);
     }
 }
