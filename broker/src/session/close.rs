@@ -189,6 +189,7 @@ impl Session {
         // Acknowledgements queued in this batch go out with the close: what they
         // acknowledge is handed over first, and made durable where it must be.
         self.hand_over().await;
+        self.record_qos2_routed();
         let routed = self.flush_router().await.is_ok();
         let synced = !std::mem::take(&mut self.store_broken)
             && (!std::mem::take(&mut self.needs_sync) || self.shared.retained.sync().await.is_ok());
@@ -220,6 +221,8 @@ impl Session {
             let delay = will.delay_secs.min(self.expiry.secs());
             let at = Instant::now() + Duration::from_secs(delay.into());
             self.pending_will = Some((at, will));
+            // Due even if the broker restarts meanwhile.
+            self.save();
         } else {
             self.publish_will(will).await;
         }

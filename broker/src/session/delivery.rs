@@ -219,7 +219,6 @@ impl Session {
             stored,
             message,
         } = owed;
-        let qos = message.qos;
         let sent = self.send(Outbound::Publish {
             message,
             pkid,
@@ -240,9 +239,9 @@ impl Session {
         }
         if stored {
             self.record_sent(id, pkid, false);
-            // Exactly once: a QoS 2 message's packet id is on disk before the client
-            // can see it, so a restart resends it under the same id.
-            self.needs_sync |= qos == 2;
+            // On disk before the client can see it: a restart resends it under the same
+            // packet id, marked DUP (for QoS 2, what makes it exactly once).
+            self.needs_sync = true;
         }
     }
 

@@ -177,6 +177,7 @@ impl Session {
                 _ = sleep_until(self.pending_will.as_ref().map(|(at, _)| *at)) => {
                     if let Some((_, will)) = self.pending_will.take() {
                         Box::pin(self.publish_will(will)).await;
+                        self.save();
                     }
                 }
                 _ = sleep_until(keep_alive) => {
@@ -201,6 +202,7 @@ impl Session {
     /// its acknowledgement, then writes the acknowledgements and deliveries.
     pub(super) async fn flush(&mut self) {
         self.hand_over().await;
+        self.record_qos2_routed();
         if std::mem::take(&mut self.store_broken) {
             self.close(Close::StorageFailure).await;
             return;

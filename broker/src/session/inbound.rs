@@ -141,7 +141,7 @@ impl Session {
             },
             2 => {
                 self.qos2_in.insert(pkid);
-                self.record_qos2(pkid, true);
+                self.qos2_routed(pkid);
                 Outbound::PubRec {
                     pkid,
                     reason: reason::SUCCESS,
@@ -189,6 +189,8 @@ impl Session {
     fn on_pubrec(&mut self, pkid: u16) {
         if let Some((id, true)) = self.outgoing.received(pkid) {
             self.record_sent(id, pkid, true);
+            // The PUBREL resumes after a restart, rather than the PUBLISH again.
+            self.needs_sync = true;
         }
         let _ = self.send(Outbound::PubRel { pkid });
     }
@@ -196,7 +198,7 @@ impl Session {
     /// PUBREL: the client releases a QoS 2 message it sent; complete it.
     fn on_pubrel(&mut self, pkid: u16) {
         if self.qos2_in.remove(&pkid) {
-            self.record_qos2(pkid, false);
+            self.qos2_released(pkid);
         }
         let _ = self.send(Outbound::PubComp { pkid });
     }

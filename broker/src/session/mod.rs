@@ -98,6 +98,9 @@ pub(crate) struct Session {
     store_broken: bool,
     /// Since when a connected client's queue has been full (slow consumer).
     full_since: Option<Instant>,
+    /// Inbound QoS 2 packet ids routed in this batch, recorded in the store after the
+    /// messages themselves.
+    qos2_routed: Vec<u16>,
     /// Packets for the router in this batch, sent at the flush.
     to_router: Vec<RouterPacket>,
     /// Subscriptions by filter.
@@ -153,6 +156,7 @@ impl Session {
             outgoing: Outgoing::new(limits),
             store_id: 0,
             store_broken: false,
+            qos2_routed: Vec::new(),
             full_since: None,
             pending_will: None,
             inbox,

@@ -25,16 +25,34 @@ impl Session {
         }
     }
 
-    /// An inbound QoS 2 message routed (`received`) or released by PUBREL.
-    pub(super) fn record_qos2(&mut self, pkid: u16, received: bool) {
-        if !self.expiry.is_persistent() || self.store_id == 0 {
+    /// An inbound QoS 2 message was routed: recorded once the batch's messages are
+    /// stored (`record_qos2_routed`), so that the record never stands for a message
+    /// the store does not hold.
+    pub(super) fn qos2_routed(&mut self, pkid: u16) {
+        if self.expiry.is_persistent() && self.store_id != 0 {
+            self.qos2_routed.push(pkid);
+        }
+    }
+
+    /// Writes the QoS 2 records of this batch's routed messages; PUBREC waits for
+    /// them (a resent PUBLISH must be recognised after a restart).
+    pub(super) fn record_qos2_routed(&mut self) {
+        for pkid in std::mem::take(&mut self.qos2_routed) {
+            if let Err(e) = self.shared.store.qos2(self.store_id, pkid, true) {
+                self.store_failed(&e);
+            }
+            self.needs_sync = true;
+        }
+    }
+
+    /// PUBREL released an inbound QoS 2 message.
+    pub(super) fn qos2_released(&mut self, pkid: u16) {
+        if self.store_id == 0 {
             return;
         }
-        if let Err(e) = self.shared.store.qos2(self.store_id, pkid, received) {
+        if let Err(e) = self.shared.store.qos2(self.store_id, pkid, false) {
             self.store_failed(&e);
         }
-        // PUBREC waits for this (a resent PUBLISH must be recognised after a restart).
-        self.needs_sync |= received;
     }
 
     /// Reads from the store what the engine wants of the queue waiting on disk.

@@ -414,6 +414,11 @@ pub struct V5Client {
 impl V5Client {
     pub async fn tls(broker: &TestBroker, name: &str) -> Self {
         let c = broker.tls(Some(&broker.pki.client(name))).await.unwrap();
+        Self::over(c)
+    }
+
+    /// MQTT 5 over a TLS connection made with `TestClient::tls` (nothing sent yet).
+    pub fn over(c: TestClient) -> Self {
         Self {
             stream: c.stream,
             buf: BytesMut::new(),

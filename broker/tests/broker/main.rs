@@ -4,6 +4,7 @@
 mod acl;
 mod common;
 mod conformance;
+mod durability;
 mod interop;
 mod layout;
 mod lifecycle;

@@ -10,47 +10,70 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-struct Proc {
+pub struct Proc {
     child: Running,
-    addr: SocketAddr,
-    before: Vec<String>,
+    pub addr: SocketAddr,
+    pub before: Vec<String>,
+    /// Lines the broker logs after it started listening.
+    pub lines: std::sync::mpsc::Receiver<String>,
     ca: String,
 }
 
-fn start(dir: &Path) -> Proc {
+/// The broker binary on `dir` (its broker.toml, certs/ and data/).
+pub fn start(dir: &Path) -> Proc {
     let config = dir.join("broker.toml");
     if !config.exists() {
         write_config(dir);
     }
-    let (child, port, before, _lines) = spawn_broker(&config);
+    let (child, port, before, lines) = spawn_broker(&config);
     Proc {
         child,
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         before,
+        lines,
         ca: std::fs::read_to_string(dir.join("certs/ca.crt")).unwrap(),
     }
 }
 
 impl Proc {
     async fn client(&self, dir: &Path, name: &str, id: &str) -> TestClient {
+        let mut c = self.tls(dir, name).await;
+        c.connect(id, true, 30).await;
+        c
+    }
+
+    /// A TLS connection with `name`'s certificate, nothing sent yet.
+    pub async fn tls(&self, dir: &Path, name: &str) -> TestClient {
         let layout = broker::pki::Layout::in_dir(&dir.join("certs"));
         let cert = broker::pki::Issued {
             cert_pem: std::fs::read_to_string(layout.client_cert(name)).unwrap(),
             key_pem: std::fs::read_to_string(layout.client_key(name)).unwrap(),
         };
-        let mut c = TestClient::tls(self.addr, &self.ca, Some(&cert))
+        TestClient::tls(self.addr, &self.ca, Some(&cert))
             .await
-            .unwrap();
-        c.connect(id, true, 30).await;
-        c
+            .unwrap()
     }
 
-    fn kill9(mut self) {
+    /// Waits for a line logged after start that contains every one of `parts`.
+    pub fn wait_for_line(&self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no line with {parts:?}; saw {seen:#?}"),
+            }
+        }
+    }
+
+    pub fn kill9(mut self) {
         self.child.0.kill().unwrap();
         self.child.0.wait().unwrap();
     }
 
-    fn stop(mut self) {
+    pub fn stop(mut self) {
         let pid = self.child.0.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
