@@ -68,6 +68,7 @@ async fn publish_rate(common: &Common, args: &DurableArgs) -> anyhow::Result<Out
         topics: TopicPlan::Rotating(1000),
         filter: String::new(),
         drain: Duration::ZERO,
+        persistent: false,
     };
     let addr = setup.broker.addr();
     match load::run(addr, &setup.publisher, &setup.subscriber, &load, "d").await {

@@ -18,6 +18,10 @@ pub struct FanoutArgs {
     pub payload: usize,
     #[arg(long, default_value_t = 100)]
     pub inflight: usize,
+    /// Subscribers with persistent sessions (clean session 0): their QoS 1 messages are
+    /// durable before the publisher's PUBACK (on our broker).
+    #[arg(long)]
+    pub persistent: bool,
 }
 
 /// `latency`: one publisher, one subscriber, a steady rate.
@@ -46,6 +50,7 @@ fn base() -> FlowArgs {
         step_secs: 3.0,
         start_rate: 2000.0,
         max_p99_ms: 50.0,
+        persistent: false,
     }
 }
 
@@ -58,6 +63,7 @@ impl From<&FanoutArgs> for FlowArgs {
             duration: a.duration,
             payload: a.payload,
             inflight: a.inflight,
+            persistent: a.persistent,
             ..base()
         }
     }

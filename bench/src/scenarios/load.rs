@@ -37,6 +37,8 @@ pub struct Load {
     pub filter: String,
     /// How long subscribers wait for the last messages after the publishers stop.
     pub drain: Duration,
+    /// Subscribers connect with clean session 0 (persistent sessions).
+    pub persistent: bool,
 }
 
 /// Which topic a publisher's k-th message goes to.
@@ -146,12 +148,11 @@ pub async fn run(
 
     let mut subs = Vec::new();
     for s in 0..load.subscribers {
-        let mut conn = client::connect(
-            addr,
-            sub_tls,
-            &format!("{tag}-sub-{s}"),
-            ConnectOpts::default(),
-        )
+        let opts = ConnectOpts {
+            clean_session: !load.persistent,
+            ..ConnectOpts::default()
+        };
+        let mut conn = client::connect(addr, sub_tls, &format!("{tag}-sub-{s}"), opts)
         .await
         .with_context(|| format!("subscriber {s}"))?;
         conn.subscribe(&load.filter, load.qos)

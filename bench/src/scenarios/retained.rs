@@ -92,6 +92,7 @@ pub async fn publish_retained(
         topics: TopicPlan::Rotating(n),
         filter: String::new(),
         drain: Duration::ZERO,
+        persistent: false,
     };
     let r = load::run(addr, tls, tls, &load, "r").await?;
     Ok((r.publish_secs, r.errors))

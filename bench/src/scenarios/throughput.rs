@@ -43,6 +43,9 @@ pub struct FlowArgs {
     /// Sweep: p99 latency limit in ms.
     #[arg(long, default_value_t = 50.0)]
     pub max_p99_ms: f64,
+    /// Subscribers with persistent sessions (clean session 0).
+    #[arg(long)]
+    pub persistent: bool,
 }
 
 impl FlowArgs {
@@ -64,6 +67,7 @@ impl FlowArgs {
             topics: TopicPlan::PerPublisher,
             filter: "articulos/+/futbol".into(),
             drain: Duration::from_secs(2),
+            persistent: self.persistent,
         }
     }
 
@@ -74,8 +78,12 @@ impl FlowArgs {
             (false, None) => "unbounded".to_string(),
         };
         format!(
-            "qos{} {}x{} {}",
-            self.qos, self.publishers, self.subscribers, rate
+            "qos{} {}x{} {}{}",
+            self.qos,
+            self.publishers,
+            self.subscribers,
+            rate,
+            if self.persistent { " persistent" } else { "" }
         )
     }
 }
