@@ -206,22 +206,16 @@ async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Opened,
             (key, record, queue)
         })
         .collect();
-    let queued: usize = sessions.iter().map(|(_, _, q)| q.count).sum();
+    let queued: usize = sessions.iter().map(|(_, _, q)| q.owed.len()).sum();
     info!(
         messages = retained.len(),
         sessions = sessions.len(),
         queued,
+        collected = opened.collected,
         quarantined = ?opened.quarantined,
         took_ms = started.elapsed().as_millis() as u64,
         "retained messages restored"
     );
-    // Messages no queue refers to (a crash between two writes) go in the background.
-    let collector = store.clone();
-    tokio::task::spawn_blocking(move || match collector.collect_garbage() {
-        Ok(0) => {}
-        Ok(n) => info!(messages = n, "store: unreferenced queued messages removed"),
-        Err(e) => warn!(error = %e, "store: unreferenced queued messages not removed"),
-    });
     Ok(Opened {
         store,
         retained,
@@ -241,7 +235,7 @@ fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionKey, SessionReco
         let id = shared.ids.next();
         let rx = shared.registry.register(key.clone(), id);
         // In the index now, before the listener opens, rather than when the task runs.
-        let (outbox, inbox) = session::restored(shared, id, &record);
+        let (outbox, inbox) = session::restored(shared, id, &record, &queue);
         let start = Start::Restored(Box::new(Restored {
             record,
             queue,

@@ -153,8 +153,8 @@ pub async fn run(
             ..ConnectOpts::default()
         };
         let mut conn = client::connect(addr, sub_tls, &format!("{tag}-sub-{s}"), opts)
-        .await
-        .with_context(|| format!("subscriber {s}"))?;
+            .await
+            .with_context(|| format!("subscriber {s}"))?;
         conn.subscribe(&load.filter, load.qos)
             .await
             .with_context(|| format!("subscriber {s}"))?;

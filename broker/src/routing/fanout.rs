@@ -11,7 +11,7 @@ use crate::message::Envelope;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 
 /// A published message on its way to the subscriber sessions, shared between them.
@@ -26,9 +26,11 @@ pub(crate) struct Delivery {
 #[derive(Debug, Clone)]
 pub(crate) struct Handed {
     pub(crate) delivery: Arc<Delivery>,
-    /// The publisher stored it in the store for this session (a persistent session's
-    /// QoS 1/2 message), under the envelope's id.
-    pub(crate) stored: bool,
+    /// For a persistent session's QoS 1/2 message: its sequence number in the
+    /// session's queue, under which the publisher stores it (message id: the
+    /// envelope's) before acknowledging it. Sequence numbers reach the session in
+    /// order.
+    pub(crate) seq: Option<u64>,
 }
 
 /// A session's end of the hand-over: bounded, so that a session that cannot keep up
@@ -42,6 +44,9 @@ pub(crate) struct Outbox {
     /// The session's id in the store while it is persistent; 0 otherwise. Publishers
     /// store its QoS 1/2 messages under it before they acknowledge them.
     store_id: Arc<AtomicU64>,
+    /// The next sequence number of the session's stored queue; taken and the message
+    /// sent under this lock, so that the inbox holds them in order.
+    next_seq: Arc<Mutex<u64>>,
 }
 
 impl Outbox {
@@ -55,9 +60,74 @@ impl Outbox {
         self.store_id.store(id, Ordering::Release);
     }
 
-    /// Room for one message, once there is some; Err when the session has ended.
-    pub(crate) async fn reserve(&self) -> Result<mpsc::Permit<'_, Handed>, mpsc::error::SendError<()>> {
-        self.tx.reserve().await
+    /// A sequence number for a message the session stores itself.
+    pub(crate) fn take_seq(&self) -> u64 {
+        let mut next = self.seq_lock();
+        *next += 1;
+        *next - 1
+    }
+
+    /// The next sequence number, not taken.
+    pub(crate) fn peek_seq(&self) -> u64 {
+        *self.seq_lock()
+    }
+
+    /// Where the session's sequence numbers go on (after a restart).
+    pub(crate) fn set_next_seq(&self, seq: u64) {
+        *self.seq_lock() = seq;
+    }
+
+    fn seq_lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.next_seq.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `delivery` over, stored under the next sequence number if `stored`;
+    /// returns that number.
+    fn try_hand(
+        &self,
+        delivery: &Arc<Delivery>,
+        stored: bool,
+    ) -> Result<Option<u64>, mpsc::error::TrySendError<Handed>> {
+        if !stored {
+            let handed = Handed {
+                delivery: delivery.clone(),
+                seq: None,
+            };
+            return self.tx.try_send(handed).map(|()| None);
+        }
+        let mut next = self.seq_lock();
+        let handed = Handed {
+            delivery: delivery.clone(),
+            seq: Some(*next),
+        };
+        self.tx.try_send(handed)?;
+        *next += 1;
+        Ok(Some(*next - 1))
+    }
+
+    /// Waits for room, then hands `delivery` over as `try_hand` does; Err when the
+    /// session has ended.
+    pub(crate) async fn hand(
+        &self,
+        delivery: Arc<Delivery>,
+        stored: bool,
+    ) -> Result<Option<u64>, ()> {
+        let permit = self.tx.reserve().await.map_err(|_| ())?;
+        if !stored {
+            permit.send(Handed {
+                delivery,
+                seq: None,
+            });
+            return Ok(None);
+        }
+        let mut next = self.seq_lock();
+        let seq = *next;
+        permit.send(Handed {
+            delivery,
+            seq: Some(seq),
+        });
+        *next += 1;
+        Ok(Some(seq))
     }
 }
 
@@ -66,6 +136,7 @@ pub(crate) fn inbox(capacity: usize) -> (Outbox, Inbox) {
     let outbox = Outbox {
         tx,
         store_id: Arc::new(AtomicU64::new(0)),
+        next_seq: Arc::new(Mutex::new(0)),
     };
     (outbox, rx)
 }
@@ -144,16 +215,18 @@ impl Node {
     }
 }
 
-/// What a hand-over could not finish.
+/// What a hand-over did, and what it could not finish.
 #[derive(Default)]
 pub(crate) struct HandOver {
-    /// Inboxes that were full: the publisher waits for room in each, then hands over.
-    pub(crate) full: Vec<(Outbox, Handed)>,
-    /// Sessions that ended (closed their inbox) after matching.
+    /// Inboxes that were full, with the session's store id (0: not stored): the
+    /// publisher waits for room in each, then hands over.
+    pub(crate) full: Vec<(Outbox, u64)>,
+    /// Sessions that ended (closed their inbox) after matching; of them, persistent.
     pub(crate) ended: usize,
-    /// The message was stored for persistent sessions: wait for the store's flush
-    /// before acknowledging it.
-    pub(crate) stored: bool,
+    pub(crate) ended_stored: u32,
+    /// The persistent sessions it went to: store id and sequence number, for the
+    /// message's record in the store.
+    pub(crate) recipients: Vec<(u64, u64)>,
 }
 
 impl Fanout {
@@ -177,14 +250,10 @@ impl Fanout {
     }
 
     /// Offers `delivery` to every session with a matching filter, once per session.
-    /// For a QoS 1/2 message, `store` is first given the store ids of the persistent
-    /// sessions among them (none: not called); when it fails nothing is handed over.
-    /// Full inboxes are returned, for the caller to wait on, and ended sessions counted.
-    pub(crate) fn hand_over<E>(
-        &self,
-        delivery: &Arc<Delivery>,
-        store: impl FnOnce(&[u64]) -> Result<(), E>,
-    ) -> Result<HandOver, E> {
+    /// For a QoS 1/2 message, `hold` is first told how many persistent sessions are
+    /// among them (none: not called), before any of them can have it. Full inboxes
+    /// are returned, for the caller to wait on, and ended sessions counted.
+    pub(crate) fn hand_over(&self, delivery: &Arc<Delivery>, hold: impl FnOnce(u32)) -> HandOver {
         let levels: Vec<&str> = delivery.topic.split('/').collect();
         let dollar = delivery.topic.starts_with('$');
         let root = self.read();
@@ -202,23 +271,25 @@ impl Fanout {
             _ => targets.iter().map(|(_, o)| o.store_id()).collect(),
         };
         let mut outcome = HandOver::default();
-        if store_ids.iter().any(|id| *id != 0) {
-            let ids: Vec<u64> = store_ids.iter().copied().filter(|id| *id != 0).collect();
-            store(&ids)?;
-            outcome.stored = true;
+        let durable = store_ids.iter().filter(|id| **id != 0).count() as u32;
+        if durable > 0 {
+            hold(durable);
         }
         for ((_, outbox), store_id) in targets.into_iter().zip(store_ids) {
-            let handed = Handed {
-                delivery: delivery.clone(),
-                stored: store_id != 0,
-            };
-            match outbox.tx.try_send(handed) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(h)) => outcome.full.push((outbox.clone(), h)),
-                Err(mpsc::error::TrySendError::Closed(_)) => outcome.ended += 1,
+            let stored = store_id != 0;
+            match outbox.try_hand(delivery, stored) {
+                Ok(Some(seq)) => outcome.recipients.push((store_id, seq)),
+                Ok(None) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    outcome.full.push((outbox.clone(), store_id));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    outcome.ended += 1;
+                    outcome.ended_stored += u32::from(stored);
+                }
             }
         }
-        Ok(outcome)
+        outcome
     }
 
     pub(crate) fn shared_subscribed(&self) {
@@ -266,10 +337,9 @@ mod tests {
 
     /// Hands over with nothing to store.
     fn hand(fanout: &Fanout, delivery: &Arc<Delivery>) -> HandOver {
-        match fanout.hand_over(delivery, |_| Err(())) {
-            Ok(outcome) => outcome,
-            Err(()) => panic!("nothing persistent subscribed, nothing to store"),
-        }
+        fanout.hand_over(delivery, |_| {
+            panic!("nothing persistent subscribed, nothing to store")
+        })
     }
 
     /// The session ids that received a message on `topic`.
@@ -377,29 +447,45 @@ mod tests {
     }
 
     #[test]
-    fn persistent_sessions_get_qos1_messages_stored_before_the_hand_over() {
+    fn persistent_sessions_get_qos1_messages_in_sequence() {
         let fanout = Fanout::default();
         let (durable, mut durable_rx) = inbox(8);
         let (plain, mut plain_rx) = inbox(8);
         durable.set_store_id(42);
+        durable.set_next_seq(5);
         fanout.subscribe("t", 1, durable);
         fanout.subscribe("t", 2, plain);
         let mut qos1 = (*delivery("t")).clone();
         qos1.envelope.qos = 1;
         let qos1 = Arc::new(qos1);
-        let mut asked = Vec::new();
-        let outcome = fanout.hand_over(&qos1, |ids| {
-            asked.extend_from_slice(ids);
-            Ok::<(), ()>(())
-        });
-        assert!(outcome.is_ok());
-        assert_eq!(asked, [42]);
-        assert!(durable_rx.try_recv().unwrap().stored);
-        assert!(!plain_rx.try_recv().unwrap().stored);
-        // A failed store hands nothing over; QoS 0 is never stored.
-        assert!(fanout.hand_over(&qos1, |_| Err("disk full")).is_err());
-        assert!(durable_rx.try_recv().is_err() && plain_rx.try_recv().is_err());
+        for seq in [5, 6] {
+            let mut held = 0;
+            let outcome = fanout.hand_over(&qos1, |n| held = n);
+            assert_eq!(held, 1, "held for the one persistent session");
+            assert_eq!(outcome.recipients, [(42, seq)]);
+            assert_eq!(durable_rx.try_recv().unwrap().seq, Some(seq));
+            assert_eq!(plain_rx.try_recv().unwrap().seq, None);
+        }
+        // QoS 0 is never stored.
         hand(&fanout, &delivery("t"));
-        assert!(!durable_rx.try_recv().unwrap().stored);
+        assert_eq!(durable_rx.try_recv().unwrap().seq, None);
+    }
+
+    #[tokio::test]
+    async fn a_full_persistent_inbox_gets_its_sequence_number_when_there_is_room() {
+        let fanout = Fanout::default();
+        let (durable, mut rx) = inbox(1);
+        durable.set_store_id(7);
+        fanout.subscribe("t", 1, durable.clone());
+        let mut qos1 = (*delivery("t")).clone();
+        qos1.envelope.qos = 1;
+        let qos1 = Arc::new(qos1);
+        assert_eq!(fanout.hand_over(&qos1, |_| {}).recipients, [(7, 0)]);
+        let outcome = fanout.hand_over(&qos1, |_| {});
+        assert!(outcome.recipients.is_empty());
+        assert_eq!(outcome.full.len(), 1);
+        assert_eq!(rx.try_recv().unwrap().seq, Some(0));
+        assert_eq!(durable.hand(qos1.clone(), true).await, Ok(Some(1)));
+        assert_eq!(rx.try_recv().unwrap().seq, Some(1));
     }
 }

@@ -84,7 +84,7 @@ impl Session {
             d.topic.clone(),
             d.payload.clone(),
             d.envelope.clone(),
-            handed.stored,
+            handed.seq,
         );
     }
 
@@ -100,25 +100,29 @@ impl Session {
                 received_at: now_micros(),
                 properties: None,
             };
-            self.offer(m.topic.clone(), m.payload.clone(), envelope, false);
+            self.offer(m.topic.clone(), m.payload.clone(), envelope, None);
         }
         self.flush().await;
     }
 
     /// Delivers a message to this session if one of its subscriptions matches.
-    /// `stored`: the store holds it for this session, under the envelope's id.
-    pub(super) fn offer(&mut self, topic: String, payload: Bytes, envelope: Envelope, stored: bool) {
+    /// `seq`: the store holds it for this session under this sequence number (and the
+    /// envelope's id).
+    pub(super) fn offer(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        envelope: Envelope,
+        seq: Option<u64>,
+    ) {
         let id = envelope.id;
         match self.prepare(topic, payload, envelope, true) {
-            Some(message) => self.deliver(
-                Owed {
-                    id,
-                    stored,
-                    message,
-                },
-                false,
-            ),
-            None if stored => self.release(id),
+            Some(message) => self.deliver(Owed { id, seq, message }, false),
+            None if seq.is_some() => {
+                // Never held: the engine's next sequence number still moves on.
+                self.outgoing.skip(seq);
+                self.release(id);
+            }
             None => {}
         }
     }
@@ -179,6 +183,7 @@ impl Session {
         if owed.message.qos == 0 {
             // QoS 0 is not kept for offline clients, nor piled up for slow readers.
             let backlog = self.conn.as_ref().map_or(0, |c| c.framed.unwritten());
+            let (id, seq) = (owed.id, owed.seq);
             if !force && backlog > QOS0_BACKLOG {
                 self.drop_message(
                     &owed.message.topic,
@@ -191,8 +196,9 @@ impl Session {
                     dup: false,
                 });
             }
-            if owed.stored {
-                self.release(owed.id);
+            if seq.is_some() {
+                self.outgoing.skip(seq);
+                self.release(id);
             }
             return;
         }
@@ -205,7 +211,7 @@ impl Session {
                     &dropped.message.topic,
                     "session queue full (max_queued): message dropped",
                 );
-                if dropped.stored {
+                if dropped.stored() {
                     self.release(dropped.id);
                 }
             }
@@ -213,17 +219,11 @@ impl Session {
     }
 
     /// Writes a QoS 1/2 PUBLISH the engine put in flight, and tells the store.
-    fn transmit(&mut self, Transmit { pkid, owed }: Transmit) {
-        let Owed {
-            id,
-            stored,
-            message,
-        } = owed;
-        let sent = self.send(Outbound::Publish {
-            message,
-            pkid,
-            dup: false,
-        });
+    fn transmit(&mut self, Transmit { pkid, dup, owed }: Transmit) {
+        let Owed { id, seq, message } = owed;
+        let stored = seq.is_some();
+        let qos = message.qos;
+        let sent = self.send(Outbound::Publish { message, pkid, dup });
         if sent.is_err() {
             let topic = self
                 .outgoing
@@ -237,10 +237,10 @@ impl Session {
             }
             return;
         }
-        if stored {
-            self.record_sent(id, pkid, false);
-            // On disk before the client can see it: a restart resends it under the same
-            // packet id, marked DUP (for QoS 2, what makes it exactly once).
+        if stored && qos == 2 {
+            // Exactly once: its packet id is on disk before the client can see it, so
+            // that a restart resends it under the same one.
+            self.record_qos2_out(id, Some((pkid, false)));
             self.needs_sync = true;
         }
     }

@@ -219,6 +219,7 @@ impl Session {
                 return;
             }
         }
+        self.write_mark(None);
         let Some(conn) = &mut self.conn else {
             return;
         };
@@ -281,14 +282,14 @@ impl Session {
         let unstored = self.outgoing.unstored(std::time::SystemTime::now());
         if self.expiry.is_persistent() {
             // Stopping with the broker: the whole queue is in the store.
+            let first = self.outbox.peek_seq();
             self.store_unstored(unstored.into_iter().map(|o| o.message).collect());
+            self.write_mark(Some(first));
         } else {
-            // Acknowledged to their publishers and never delivered: counted (the
-            // stored ones by `drop_stored_queue`).
-            let lost = unstored.len() as u64;
+            // Acknowledged to their publishers and never delivered: counted.
+            let lost = (unstored.len() + self.drop_stored_queue()) as u64;
             self.dropped += lost;
             self.shared.metrics.dropped.inc_by(lost);
-            self.drop_stored_queue();
         }
         self.report_drops();
         self.save();

@@ -178,7 +178,10 @@ impl Session {
     /// PUBACK or PUBCOMP: delivered; the window has room for the next.
     fn on_delivered(&mut self, pkid: u16) {
         if let Some(owed) = self.outgoing.acknowledged(pkid) {
-            if owed.stored {
+            if owed.stored() {
+                if owed.message.qos == 2 {
+                    self.record_qos2_out(owed.id, None);
+                }
                 self.release(owed.id);
             }
         }
@@ -188,8 +191,8 @@ impl Session {
     /// PUBREC: the client has the message; release it.
     fn on_pubrec(&mut self, pkid: u16) {
         if let Some((id, true)) = self.outgoing.received(pkid) {
-            self.record_sent(id, pkid, true);
             // The PUBREL resumes after a restart, rather than the PUBLISH again.
+            self.record_qos2_out(id, Some((pkid, true)));
             self.needs_sync = true;
         }
         let _ = self.send(Outbound::PubRel { pkid });

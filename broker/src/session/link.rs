@@ -165,7 +165,7 @@ impl Session {
         };
         // Through the router, `$share` messages are not stored: a group's member is
         // chosen as the message arrives.
-        self.offer(topic, payload, envelope, false);
+        self.offer(topic, payload, envelope, None);
     }
 
     /// The only public way to unregister a link from the router: a link merely

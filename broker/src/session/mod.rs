@@ -43,13 +43,13 @@ use crate::ids::SessionKey;
 use crate::message::{Message, Will};
 use crate::protocol::SessionExpiry;
 use crate::routing::fanout::{Delivery, Inbox, Outbox};
-use outgoing::Limits;
 use crate::shared::registry::{Client, Control};
 use crate::shared::Shared;
-use crate::store::{QueueState, SessionRecord};
+use crate::store::{Mark, QueueState, SessionRecord};
 use attachment::Attachment;
 use delivery::RecentIds;
 use link::RouterLink;
+use outgoing::Limits;
 use outgoing::Outgoing;
 use rumqttd::protocol::Packet as RouterPacket;
 use std::collections::{HashMap, HashSet};
@@ -94,6 +94,8 @@ pub(crate) struct Session {
     link: Option<Box<RouterLink>>,
     /// The session's id in the store while it is (or was) persistent; 0 before.
     store_id: u64,
+    /// The queue's mark as last written to the store.
+    mark: Mark,
     /// A store write failed in this batch: its acknowledgements must not go out.
     store_broken: bool,
     /// Since when a connected client's queue has been full (slow consumer).
@@ -155,6 +157,7 @@ impl Session {
             sys: shared.sys.subscribe(),
             outgoing: Outgoing::new(limits),
             store_id: 0,
+            mark: Mark::default(),
             store_broken: false,
             qos2_routed: Vec::new(),
             full_since: None,

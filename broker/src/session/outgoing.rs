@@ -6,14 +6,17 @@
 //! (`in_memory`). No socket, no store, no shared state: the session feeds it events,
 //! messages read from disk and the time, and carries out what it returns.
 //!
-//! A message is `stored` when the store holds it for this session (a persistent
-//! session's QoS 1/2 messages, written by their publisher before its PUBACK). Only
-//! stored messages wait on disk; the session deletes a stored message from the store
-//! when the engine says it is delivered, expired or dropped.
+//! A message is stored when the store holds it for this session (a persistent
+//! session's QoS 1/2 messages, written by their publisher before its PUBACK), under a
+//! sequence number of this session's queue. Only stored messages wait on disk; the
+//! session releases a stored message in the store when the engine says it is
+//! delivered, expired or dropped, and records `low()`: every sequence number below it
+//! is finished with.
 
 use crate::config::QueueFull;
 use crate::message::Message;
-use std::collections::{HashMap, HashSet, VecDeque};
+use crate::store::Spilled;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::SystemTime;
 
 /// The limits of one session's queue, from `[session]`.
@@ -31,16 +34,23 @@ pub(crate) struct Outgoing {
     inflight: HashMap<u16, Inflight>,
     /// Waiting in memory for room in the window or for the client, oldest first.
     queue: VecDeque<Queued>,
-    /// Stored messages waiting on disk: all newer than those in `queue`.
-    on_disk: usize,
+    /// Stored messages waiting on disk, in sequence order: all newer than those in
+    /// `queue`. Their messages are read when memory has room.
+    on_disk: VecDeque<Spilled>,
     /// Their topic and payload bytes.
     on_disk_bytes: u64,
     /// Topic and payload bytes of `queue`.
     bytes: u64,
-    /// Ids of the stored messages in `queue` or in flight: the rest of the stored ones
-    /// are on disk.
-    held: HashSet<u64>,
-    /// Stored messages that expired while queued: to delete from the store.
+    /// Sequence numbers of the stored messages in `queue` or in flight.
+    held: BTreeSet<u64>,
+    /// The sequence number after the last stored message received.
+    next_seq: u64,
+    /// The sequence number after the highest written to the client.
+    sent_below: u64,
+    /// After a restart: stored messages below this sequence number may have been sent
+    /// before, and go out marked DUP.
+    resent_below: u64,
+    /// Stored messages that expired while queued: to release in the store.
     expired: Vec<u64>,
     /// The packet id handed out last; 0 is never used.
     last_pkid: u16,
@@ -55,13 +65,18 @@ pub(crate) struct Outgoing {
 /// A message owed to the client.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Owed {
-    /// The message id (the envelope's); the store's key when `stored`.
+    /// The message id (the envelope's); the store's key when stored.
     pub(crate) id: u64,
-    pub(crate) stored: bool,
+    /// Its sequence number in this session's queue, when the store holds it.
+    pub(crate) seq: Option<u64>,
     pub(crate) message: Message,
 }
 
 impl Owed {
+    pub(crate) fn stored(&self) -> bool {
+        self.seq.is_some()
+    }
+
     fn size(&self) -> u64 {
         (self.message.topic.len() + self.message.payload.len()) as u64
     }
@@ -84,6 +99,8 @@ struct Queued {
 #[derive(Debug, PartialEq)]
 pub(crate) struct Transmit {
     pub(crate) pkid: u16,
+    /// It may have reached the client before a restart: marked DUP.
+    pub(crate) dup: bool,
     pub(crate) owed: Owed,
 }
 
@@ -125,10 +142,13 @@ impl Outgoing {
         Self {
             inflight: HashMap::new(),
             queue: VecDeque::new(),
-            on_disk: 0,
+            on_disk: VecDeque::new(),
             on_disk_bytes: 0,
             bytes: 0,
-            held: HashSet::new(),
+            held: BTreeSet::new(),
+            next_seq: 0,
+            sent_below: 0,
+            resent_below: 0,
             expired: Vec::new(),
             last_pkid: 0,
             seq: 0,
@@ -166,7 +186,7 @@ impl Outgoing {
     /// Whether a message offered now would be written at once (nothing queued ahead of
     /// it, room in the window).
     pub(crate) fn sends_now(&self) -> bool {
-        self.queue.is_empty() && self.on_disk == 0 && self.inflight.len() < self.window
+        self.queue.is_empty() && self.on_disk.is_empty() && self.inflight.len() < self.window
     }
 
     /// Whether the queue is at `max_queued` or `max_queued_bytes`.
@@ -179,6 +199,9 @@ impl Outgoing {
     /// connected client's, which slows its publishers instead; retained messages on
     /// subscribe, bounded by the retained store).
     pub(crate) fn admit(&mut self, owed: Owed, now: SystemTime, force: bool) -> Admission {
+        if let Some(seq) = owed.seq {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
         if self.sends_now() {
             return Admission::Send(self.track(owed));
         }
@@ -197,10 +220,14 @@ impl Outgoing {
                 },
             }
         }
-        let admission = if owed.stored && (self.on_disk > 0 || self.queue.len() >= self.limits.in_memory)
-        {
-            self.on_disk += 1;
+        let spill = !self.on_disk.is_empty() || self.queue.len() >= self.limits.in_memory;
+        let admission = if let (Some(seq), true) = (owed.seq, spill) {
             self.on_disk_bytes += owed.size();
+            self.on_disk.push_back(Spilled {
+                seq,
+                id: owed.id,
+                size: owed.size(),
+            });
             Admission::OnDisk
         } else {
             self.hold(&owed);
@@ -213,48 +240,62 @@ impl Outgoing {
         }
     }
 
-    /// How many stored messages to read from disk now, if any: memory holds less than
-    /// half its share and more waits on disk.
-    pub(crate) fn wants_from_disk(&self) -> Option<usize> {
-        (self.on_disk > 0 && self.queue.len() < self.limits.in_memory.div_ceil(2))
-            .then(|| self.limits.in_memory - self.queue.len())
-    }
-
-    /// Whether the store's message `id` is already here (in memory or in flight), so a
-    /// read from disk skips it.
-    pub(crate) fn holds(&self, id: u64) -> bool {
-        self.held.contains(&id)
-    }
-
-    /// Messages read from disk, oldest first, each with the moment it was received;
-    /// `end`: nothing more is on disk.
-    pub(crate) fn loaded(&mut self, read: Vec<(Owed, SystemTime)>, end: bool) {
-        for (owed, since) in read {
-            self.on_disk = self.on_disk.saturating_sub(1);
-            self.on_disk_bytes = self.on_disk_bytes.saturating_sub(owed.size());
-            self.hold(&owed);
-            self.queue.push_back(Queued { owed, since });
+    /// Stored messages to read from disk now, oldest first: memory holds less than
+    /// half its share and more waits on disk. Each comes back through `loaded`, or
+    /// `unloaded` when its message could not be read yet.
+    pub(crate) fn take_to_load(&mut self) -> Vec<Spilled> {
+        if self.on_disk.is_empty() || self.queue.len() >= self.limits.in_memory.div_ceil(2) {
+            return Vec::new();
         }
-        if end {
-            self.on_disk = 0;
-            self.on_disk_bytes = 0;
+        let n = (self.limits.in_memory - self.queue.len()).min(self.on_disk.len());
+        let taken: Vec<Spilled> = self.on_disk.drain(..n).collect();
+        for s in &taken {
+            self.on_disk_bytes = self.on_disk_bytes.saturating_sub(s.size);
+        }
+        taken
+    }
+
+    /// A message read from disk, with the moment its wait counts from.
+    pub(crate) fn loaded(&mut self, owed: Owed, since: SystemTime) {
+        self.hold(&owed);
+        self.queue.push_back(Queued { owed, since });
+    }
+
+    /// Messages taken by `take_to_load` whose records could not be read yet: they wait on
+    /// disk again, first.
+    pub(crate) fn unloaded(&mut self, rest: Vec<Spilled>) {
+        for s in rest.into_iter().rev() {
+            self.on_disk_bytes += s.size;
+            self.on_disk.push_front(s);
         }
     }
 
-    /// A stored message read from disk turned out to need no delivery (it no longer
-    /// matches a subscription, or expired): it is no longer on disk either.
-    pub(crate) fn gone_from_disk(&mut self, bytes: u64) {
-        self.on_disk = self.on_disk.saturating_sub(1);
-        self.on_disk_bytes = self.on_disk_bytes.saturating_sub(bytes);
-    }
-
-    /// After a restart: what waits on disk, and what was in flight (resent on attach).
-    pub(crate) fn restore(&mut self, on_disk: usize, on_disk_bytes: u64, inflight: Vec<WasInflight>) {
-        self.on_disk = on_disk;
-        self.on_disk_bytes = on_disk_bytes;
+    /// After a restart: what the store owes this session, what of it was in flight
+    /// (QoS 2, resent on attach), and where its queue stood.
+    pub(crate) fn restore(
+        &mut self,
+        owed: Vec<Spilled>,
+        inflight: Vec<WasInflight>,
+        next_seq: u64,
+        sent_below: u64,
+    ) {
+        let in_flight: BTreeSet<u64> = inflight.iter().filter_map(|w| w.owed.seq).collect();
+        for s in owed {
+            if !in_flight.contains(&s.seq) {
+                self.on_disk_bytes += s.size;
+                self.next_seq = self.next_seq.max(s.seq + 1);
+                self.on_disk.push_back(s);
+            }
+        }
+        self.next_seq = self.next_seq.max(next_seq);
+        self.sent_below = sent_below;
+        self.resent_below = sent_below;
         for was in inflight {
             self.seq += 1;
-            self.held.insert(was.owed.id);
+            if let Some(seq) = was.owed.seq {
+                self.held.insert(seq);
+                self.next_seq = self.next_seq.max(seq + 1);
+            }
             self.last_pkid = self.last_pkid.max(was.pkid);
             self.inflight.insert(
                 was.pkid,
@@ -267,6 +308,31 @@ impl Outgoing {
         }
     }
 
+    /// A stored message received and finished with at once (sent at QoS 0, or not
+    /// matching any more): the queue moves past it.
+    pub(crate) fn skip(&mut self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
+    }
+
+    /// Every stored message below this sequence number is finished with.
+    pub(crate) fn low(&self) -> u64 {
+        let held = self.held.first().copied().unwrap_or(u64::MAX);
+        let waiting = self.on_disk.front().map_or(u64::MAX, |s| s.seq);
+        held.min(waiting).min(self.next_seq)
+    }
+
+    /// The sequence number after the last stored message received.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The sequence number after the highest written to the client.
+    pub(crate) fn sent_below(&self) -> u64 {
+        self.sent_below
+    }
+
     /// The next queued message that fits in the window; expired ones are skipped (the
     /// stored among them wait in `take_expired`). None also when the next ones are on
     /// disk: see `wants_from_disk`.
@@ -274,24 +340,15 @@ impl Outgoing {
         while self.inflight.len() < self.window {
             let queued = self.queue.pop_front()?;
             self.bytes = self.bytes.saturating_sub(queued.owed.size());
-            let Owed {
-                id,
-                stored,
-                message,
-            } = queued.owed;
+            let Owed { id, seq, message } = queued.owed;
             match message.unexpired(queued.since, now) {
-                Some(message) => {
-                    return Some(self.track_held(Owed {
-                        id,
-                        stored,
-                        message,
-                    }))
+                Some(message) => return Some(self.track_held(Owed { id, seq, message })),
+                None => {
+                    if let Some(seq) = seq {
+                        self.held.remove(&seq);
+                        self.expired.push(id);
+                    }
                 }
-                None if stored => {
-                    self.held.remove(&id);
-                    self.expired.push(id);
-                }
-                None => {}
             }
         }
         None
@@ -306,14 +363,14 @@ impl Outgoing {
     /// flight after all. Returns the message, which the client will never get.
     pub(crate) fn unsent(&mut self, pkid: u16) -> Option<Owed> {
         let owed = self.inflight.remove(&pkid)?.owed;
-        self.held.remove(&owed.id);
+        self.unhold(&owed);
         Some(owed)
     }
 
     /// PUBACK or PUBCOMP: the message is delivered. None for an unknown packet id.
     pub(crate) fn acknowledged(&mut self, pkid: u16) -> Option<Owed> {
         let owed = self.inflight.remove(&pkid)?.owed;
-        self.held.remove(&owed.id);
+        self.unhold(&owed);
         Some(owed)
     }
 
@@ -322,7 +379,7 @@ impl Outgoing {
     pub(crate) fn received(&mut self, pkid: u16) -> Option<(u64, bool)> {
         let m = self.inflight.get_mut(&pkid)?;
         m.released = true;
-        Some((m.owed.id, m.owed.stored))
+        Some((m.owed.id, m.owed.stored()))
     }
 
     /// The messages in memory that the store does not hold, in order: what a
@@ -332,17 +389,22 @@ impl Outgoing {
         let mut inflight: Vec<&Inflight> = self
             .inflight
             .values()
-            .filter(|m| !m.released && !m.owed.stored)
+            .filter(|m| !m.released && !m.owed.stored())
             .collect();
         inflight.sort_unstable_by_key(|m| m.seq);
         let mut owed: Vec<Owed> = inflight.into_iter().map(|m| m.owed.clone()).collect();
-        owed.extend(self.queue.iter().filter(|q| !q.owed.stored).filter_map(|q| {
-            let message = q.owed.message.clone().unexpired(q.since, now)?;
-            Some(Owed {
-                message,
-                ..q.owed.clone()
-            })
-        }));
+        owed.extend(
+            self.queue
+                .iter()
+                .filter(|q| !q.owed.stored())
+                .filter_map(|q| {
+                    let message = q.owed.message.clone().unexpired(q.since, now)?;
+                    Some(Owed {
+                        message,
+                        ..q.owed.clone()
+                    })
+                }),
+        );
         owed
     }
 
@@ -353,32 +415,58 @@ impl Outgoing {
         self.queue.clear();
         self.held.clear();
         self.expired.clear();
-        self.on_disk = 0;
+        self.on_disk.clear();
         self.on_disk_bytes = 0;
         self.bytes = 0;
     }
 
+    /// Every stored message the engine knows of, in memory, in flight or on disk: what
+    /// a session that ends releases. Empties the engine.
+    pub(crate) fn take_stored(&mut self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.on_disk.drain(..).map(|s| s.id).collect();
+        ids.extend(
+            self.queue
+                .iter()
+                .filter(|q| q.owed.stored())
+                .map(|q| q.owed.id),
+        );
+        ids.extend(
+            self.inflight
+                .values()
+                .filter(|m| m.owed.stored())
+                .map(|m| m.owed.id),
+        );
+        self.clear();
+        ids
+    }
+
     /// Messages queued, in memory and on disk (not those in flight).
     pub(crate) fn queued(&self) -> usize {
-        self.queue.len() + self.on_disk
+        self.queue.len() + self.on_disk.len()
     }
 
     fn hold(&mut self, owed: &Owed) {
         self.bytes += owed.size();
-        if owed.stored {
-            self.held.insert(owed.id);
+        if let Some(seq) = owed.seq {
+            self.held.insert(seq);
         }
     }
 
     fn forget(&mut self, owed: &Owed) {
         self.bytes = self.bytes.saturating_sub(owed.size());
-        self.held.remove(&owed.id);
+        self.unhold(owed);
+    }
+
+    fn unhold(&mut self, owed: &Owed) {
+        if let Some(seq) = owed.seq {
+            self.held.remove(&seq);
+        }
     }
 
     /// Puts a message in flight that was not held yet.
     fn track(&mut self, owed: Owed) -> Transmit {
-        if owed.stored {
-            self.held.insert(owed.id);
+        if let Some(seq) = owed.seq {
+            self.held.insert(seq);
         }
         self.track_held(owed)
     }
@@ -386,6 +474,10 @@ impl Outgoing {
     fn track_held(&mut self, owed: Owed) -> Transmit {
         let pkid = self.next_pkid();
         self.seq += 1;
+        let dup = owed.seq.is_some_and(|seq| seq < self.resent_below);
+        if let Some(seq) = owed.seq {
+            self.sent_below = self.sent_below.max(seq + 1);
+        }
         self.inflight.insert(
             pkid,
             Inflight {
@@ -394,7 +486,7 @@ impl Outgoing {
                 released: false,
             },
         );
-        Transmit { pkid, owed }
+        Transmit { pkid, dup, owed }
     }
 
     /// The next packet id after the last, skipping 0 and ids still in flight. The window

@@ -2,6 +2,7 @@
 //! subscriptions, expiry, store id and delayed will, written whenever they change; and
 //! the restore after a restart.
 
+use super::outgoing::Owed;
 use super::subscriptions::{Place, Subscription};
 use super::Session;
 use crate::message::Will;
@@ -16,8 +17,14 @@ use tracing::error;
 /// A saved session's plain subscriptions, placed in the index before the listener opens
 /// so that nothing published after a restart misses them (and is stored for it); the
 /// inbox they feed, for `Start::Restored`.
-pub(crate) fn restored(shared: &Shared, id: u64, record: &SessionRecord) -> (Outbox, Inbox) {
+pub(crate) fn restored(
+    shared: &Shared,
+    id: u64,
+    record: &SessionRecord,
+    queue: &QueueState,
+) -> (Outbox, Inbox) {
     let (outbox, inbox) = fanout::inbox(shared.config.session.inbox);
+    outbox.set_next_seq(super::spool::restart_seq(queue));
     outbox.set_store_id(record.store_id);
     for s in &record.subscriptions {
         if Place::of(&s.filter) == Place::Index {
@@ -50,16 +57,18 @@ impl Session {
             SessionExpiry::Never => None,
             other => Some(Instant::now() + other.limit().unwrap_or_default()),
         };
-        let mut queue = queue;
-        // Saved before durable queues: the queue moves into the store.
-        queue.count += record.queued.len();
-        queue.bytes += record
-            .queued
-            .iter()
-            .map(|m| (m.topic.len() + m.payload.len()) as u64)
-            .sum::<u64>();
-        self.store_unstored(record.queued);
         self.take_up_queue(queue);
+        // Saved before durable queues: held in memory, and stored when the session
+        // stops.
+        let now = SystemTime::now();
+        for message in record.queued {
+            let owed = Owed {
+                id: self.shared.ids.next(),
+                seq: None,
+                message,
+            };
+            self.outgoing.admit(owed, now, true);
+        }
         if let Some(will) = record.will {
             let left = will
                 .due
@@ -83,7 +92,11 @@ impl Session {
         if expiry.is_persistent() {
             if self.store_id == 0 {
                 self.store_id = self.shared.ids.next();
+                // Its first mark, before any publisher stores for it: the store's start
+                // knows the session by its mark.
+                self.mark.low = u64::MAX;
             }
+            self.write_mark(None);
             self.outbox.set_store_id(self.store_id);
         } else {
             self.outbox.set_store_id(0);

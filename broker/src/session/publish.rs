@@ -4,7 +4,7 @@
 
 use super::Session;
 use crate::message::{now_micros, Envelope, Message};
-use crate::routing::fanout::{Delivery, HandOver, Handed, Outbox};
+use crate::routing::fanout::{Delivery, HandOver, Outbox};
 use crate::routing::router;
 use crate::store::{QueuedMessage, StoreError};
 use bytes::Bytes;
@@ -48,9 +48,9 @@ impl Session {
         Ok(())
     }
 
-    /// Hands this batch's messages to the subscriber sessions, after storing the QoS
-    /// 1/2 ones owed to persistent sessions (durable with this batch's flush, before
-    /// the publisher's acknowledgements go out). Where an inbox is full the publisher
+    /// Hands this batch's messages to the subscriber sessions, and stores the QoS 1/2
+    /// ones owed to persistent sessions (durable with this batch's flush, before the
+    /// publisher's acknowledgements go out). Where an inbox is full the publisher
     /// waits, and with it its acknowledgements: it is slowed down, and nothing is
     /// dropped.
     pub(super) async fn hand_over(&mut self) {
@@ -58,8 +58,40 @@ impl Session {
             return;
         }
         for delivery in std::mem::take(&mut self.deliveries) {
-            let store = &self.shared.store;
-            let stored = self.shared.fanout.hand_over(&delivery, |store_ids| {
+            let id = delivery.envelope.id;
+            let store = self.shared.store.clone();
+            let mut held = false;
+            let HandOver {
+                full,
+                ended,
+                mut ended_stored,
+                mut recipients,
+            } = self.shared.fanout.hand_over(&delivery, |n| {
+                // Its recipients, and this session until the record is written.
+                store.hold(id, n + 1);
+                held = true;
+            });
+            for _ in 0..ended {
+                self.lost_to_ended_session(&delivery.topic);
+            }
+            for (outbox, store_id) in full {
+                self.shared.metrics.publisher_waits.inc();
+                match self
+                    .wait_for_room(&outbox, delivery.clone(), store_id != 0)
+                    .await
+                {
+                    Some(Some(seq)) => recipients.push((store_id, seq)),
+                    Some(None) => {}
+                    None => ended_stored += u32::from(store_id != 0),
+                }
+            }
+            if !held {
+                continue;
+            }
+            for _ in 0..ended_stored {
+                self.release(id);
+            }
+            if !recipients.is_empty() {
                 let queued = QueuedMessage {
                     message: Message {
                         topic: delivery.topic.clone(),
@@ -70,46 +102,47 @@ impl Session {
                     },
                     origin: delivery.envelope.origin,
                     received_at: delivery.envelope.received_at,
+                    recipients,
                 };
-                store.put_queued(delivery.envelope.id, &queued, store_ids)
-            });
-            let HandOver { full, ended, .. } = match stored {
-                Ok(outcome) => {
-                    self.needs_sync |= outcome.stored;
-                    outcome
+                match store.put_queued(id, &queued) {
+                    Ok(()) => self.needs_sync = true,
+                    Err(e) => {
+                        error!(client_id = %self.key.client_id, topic = %delivery.topic,
+                            error = %e, "message not stored for persistent sessions: not acknowledged");
+                        self.store_broken = true;
+                    }
                 }
-                Err(e) => {
-                    error!(client_id = %self.key.client_id, topic = %delivery.topic, error = %e,
-                        "message not stored for persistent sessions: not acknowledged");
-                    self.store_broken = true;
-                    continue;
-                }
-            };
-            for _ in 0..ended {
-                self.lost_to_ended_session(&delivery.topic);
             }
-            for (outbox, handed) in full {
-                self.shared.metrics.publisher_waits.inc();
-                self.wait_for_room(&outbox, handed).await;
-            }
+            // This session's own hold, now that the record is written.
+            self.release(id);
         }
         // The subscriber sessions just woken run first, on this thread, and write to
         // their clients before this session writes its acknowledgements.
         tokio::task::yield_now().await;
     }
 
-    async fn wait_for_room(&mut self, outbox: &Outbox, handed: Handed) {
+    /// Waits for room in a full inbox and hands `delivery` over (its sequence number
+    /// when `stored`); None when the session ended meanwhile (counted as lost).
+    async fn wait_for_room(
+        &mut self,
+        outbox: &Outbox,
+        delivery: Arc<Delivery>,
+        stored: bool,
+    ) -> Option<Option<u64>> {
         // One reservation for the whole wait: made again, it would lose its place in line.
-        let reserve = outbox.reserve();
-        tokio::pin!(reserve);
+        let topic = delivery.topic.clone();
+        let hand = outbox.hand(delivery, stored);
+        tokio::pin!(hand);
         loop {
             tokio::select! {
-                permit = &mut reserve => {
-                    match permit {
-                        Ok(permit) => permit.send(handed),
-                        Err(_) => self.lost_to_ended_session(&handed.delivery.topic),
-                    }
-                    return;
+                handed = &mut hand => {
+                    return match handed {
+                        Ok(seq) => Some(seq),
+                        Err(()) => {
+                            self.lost_to_ended_session(&topic);
+                            None
+                        }
+                    };
                 }
                 // Our own inbox keeps draining meanwhile: two sessions publishing to
                 // each other never wait on each other for ever.

@@ -1,26 +1,38 @@
-//! A persistent session's queue in the store: what the QoS engine releases is deleted,
-//! what it wants from disk is read, what was in flight is recorded, and after a restart
-//! the queue is taken up where it stood. A store that fails here closes the client's
-//! connection: nothing that depends on the failed write is acknowledged.
+//! A persistent session's queue in the store: what the QoS engine is done with is
+//! released, what waits on disk is read when memory has room, QoS 2 messages in flight
+//! are recorded, the queue's mark is written at the end of each batch, and after a
+//! restart the queue is taken up where it stood. A store that fails here closes the
+//! client's connection at the next flush: nothing that depends on it is acknowledged.
 
 use super::outgoing::{Owed, WasInflight};
 use super::Session;
-use crate::message::Envelope;
-use crate::store::{QueueState, QueuedMessage, StoreError};
+use crate::message::{now_micros, Envelope, Message};
+use crate::store::{Mark, QueueState, QueuedMessage, Spilled, StoreError};
 use std::time::SystemTime;
 use tracing::{error, warn};
 
+/// After a restart, a session's sequence numbers go on this far above its last mark:
+/// numbers handed out after the mark was written are never reused.
+const SEQ_GAP: u64 = 1 << 32;
+
+/// Where a restored session's sequence numbers start.
+pub(crate) fn restart_seq(queue: &QueueState) -> u64 {
+    let owed = queue.owed.last().map_or(0, |s| s.seq + 1);
+    queue.mark.next.saturating_add(SEQ_GAP).max(owed)
+}
+
 impl Session {
-    /// The session is done with stored message `id`: delivered, expired or dropped.
+    /// One holder of stored message `id` (this session) is done with it.
     pub(super) fn release(&mut self, id: u64) {
-        if let Err(e) = self.shared.store.release(self.store_id, id) {
+        if let Err(e) = self.shared.store.release(id) {
             self.store_failed(&e);
         }
     }
 
-    /// Stored message `id` went out with `pkid` (`released`: PUBREC came back).
-    pub(super) fn record_sent(&mut self, id: u64, pkid: u16, released: bool) {
-        if let Err(e) = self.shared.store.sent(self.store_id, id, pkid, released) {
+    /// A stored QoS 2 message in flight: its packet id and whether PUBREC came back;
+    /// `None` once PUBCOMP completed it.
+    pub(super) fn record_qos2_out(&mut self, id: u64, state: Option<(u16, bool)>) {
+        if let Err(e) = self.shared.store.sent(self.store_id, id, state) {
             self.store_failed(&e);
         }
     }
@@ -55,74 +67,101 @@ impl Session {
         }
     }
 
-    /// Reads from the store what the engine wants of the queue waiting on disk.
+    /// Writes how far the queue has come, when that changed (not waited for: after a
+    /// crash, what was finished since is delivered again). `stored_from`: the first
+    /// sequence number of messages stored by the session itself, which the engine
+    /// does not hold.
+    pub(super) fn write_mark(&mut self, stored_from: Option<u64>) {
+        if self.store_id == 0 || !self.expiry.is_persistent() {
+            return;
+        }
+        let mut mark = Mark {
+            low: self.outgoing.low(),
+            next: self.outgoing.next_seq(),
+            sent_below: self.outgoing.sent_below(),
+        };
+        if let Some(first) = stored_from {
+            mark.low = mark.low.min(first);
+            mark.next = mark.next.max(self.outbox.peek_seq());
+        }
+        if mark == self.mark {
+            return;
+        }
+        match self.shared.store.mark(self.store_id, mark) {
+            Ok(()) => self.mark = mark,
+            Err(e) => self.store_failed(&e),
+        }
+    }
+
+    /// Reads from the store the messages the engine wants into memory.
     pub(super) fn read_from_disk(&mut self) {
-        while let Some(wanted) = self.outgoing.wants_from_disk() {
-            let outgoing = &self.outgoing;
-            let read = self
-                .shared
-                .store
-                .read_queue(self.store_id, |id| outgoing.holds(id), wanted);
-            let (read, end) = match read {
-                Ok(read) => read,
-                Err(e) => {
-                    self.store_failed(&e);
-                    return;
-                }
-            };
-            let got_any = !read.is_empty();
-            let now = SystemTime::now();
-            let mut owed = Vec::with_capacity(read.len());
-            for (id, queued) in read {
-                match self.owed_from_store(id, queued) {
-                    Some(o) => owed.push((o, now)),
-                    None => self.release(id),
-                }
-            }
-            self.outgoing.loaded(owed, end);
-            if end || !got_any {
+        loop {
+            let wanted = self.outgoing.take_to_load();
+            if wanted.is_empty() {
                 return;
+            }
+            let now = SystemTime::now();
+            let mut rest = wanted.into_iter();
+            while let Some(spilled) = rest.next() {
+                match self.shared.store.queued_message(spilled.id) {
+                    Ok(Some(queued)) => match self.owed_from_store(spilled, queued) {
+                        Some(owed) => self.outgoing.loaded(owed, now),
+                        None => self.release(spilled.id),
+                    },
+                    // Handed over before its publisher wrote the record: soon there.
+                    Ok(None) => {
+                        let mut back = vec![spilled];
+                        back.extend(rest);
+                        self.outgoing.unloaded(back);
+                        return;
+                    }
+                    Err(e) => {
+                        self.store_failed(&e);
+                        let mut back = vec![spilled];
+                        back.extend(rest);
+                        self.outgoing.unloaded(back);
+                        return;
+                    }
+                }
             }
         }
     }
 
-    /// A message read from the store as this session delivers it, or None (and the
-    /// engine told) when it no longer does.
-    fn owed_from_store(&mut self, id: u64, queued: QueuedMessage) -> Option<Owed> {
+    /// A message read from the store as this session delivers it; None when it no
+    /// longer does (no subscription matches, or it expired).
+    fn owed_from_store(&mut self, spilled: Spilled, queued: QueuedMessage) -> Option<Owed> {
         let QueuedMessage {
             mut message,
             origin,
             received_at,
+            ..
         } = queued;
-        let size = (message.topic.len() + message.payload.len()) as u64;
         let envelope = Envelope {
             qos: message.qos,
             retain: message.retain,
             origin,
-            id,
+            id: spilled.id,
             received_at,
             properties: message.properties.take(),
         };
-        match self.prepare(message.topic, message.payload, envelope, false) {
-            Some(message) => Some(Owed {
-                id,
-                stored: true,
-                message,
-            }),
-            None => {
-                self.outgoing.gone_from_disk(size);
-                None
-            }
-        }
+        let message = self.prepare(message.topic, message.payload, envelope, false)?;
+        Some(Owed {
+            id: spilled.id,
+            seq: Some(spilled.seq),
+            message,
+        })
     }
 
-    /// After a restart: what was in flight comes back, the rest waits on disk.
+    /// After a restart: QoS 2 messages in flight come back as they were, the rest
+    /// waits on disk.
     pub(super) fn take_up_queue(&mut self, state: QueueState) {
+        self.mark = state.mark;
         let mut inflight = Vec::new();
-        let mut sent_bytes = 0;
-        let mut sent = state.sent;
-        sent.sort_unstable();
-        for (id, pkid, released) in sent {
+        let next = restart_seq(&state);
+        for (id, pkid, released) in state.sent {
+            let Some(spilled) = state.owed.iter().find(|s| s.id == id).copied() else {
+                continue;
+            };
             let queued = match self.shared.store.queued_message(id) {
                 Ok(Some(queued)) => queued,
                 Ok(None) => continue,
@@ -131,8 +170,7 @@ impl Session {
                     continue;
                 }
             };
-            sent_bytes += (queued.message.topic.len() + queued.message.payload.len()) as u64;
-            match self.owed_from_store(id, queued) {
+            match self.owed_from_store(spilled, queued) {
                 Some(owed) => inflight.push(WasInflight {
                     pkid,
                     released,
@@ -141,50 +179,55 @@ impl Session {
                 None => self.release(id),
             }
         }
-        let on_disk = state.count.saturating_sub(inflight.len());
+        inflight.sort_unstable_by_key(|w| w.owed.seq);
         self.outgoing
-            .restore(on_disk, state.bytes.saturating_sub(sent_bytes), inflight);
+            .restore(state.owed, inflight, next, state.mark.sent_below);
         self.qos2_in.extend(state.qos2);
     }
 
     /// Stores what the engine holds in memory only (retained messages on subscribe,
-    /// records saved before durable queues), so that a persistent session stops with
+    /// queues saved before durable queues), so that a persistent session stops with
     /// its whole queue in the store.
-    pub(super) fn store_unstored(&mut self, messages: Vec<crate::message::Message>) {
+    pub(super) fn store_unstored(&mut self, messages: Vec<Message>) {
         for message in messages {
             let id = self.shared.ids.next();
+            let seq = self.outbox.take_seq();
             let queued = QueuedMessage {
                 message,
                 origin: 0,
-                received_at: crate::message::now_micros(),
+                received_at: now_micros(),
+                recipients: vec![(self.store_id, seq)],
             };
-            if let Err(e) = self.shared.store.put_queued(id, &queued, &[self.store_id]) {
+            if let Err(e) = self.shared.store.put_queued(id, &queued) {
                 error!(identity = %self.key.identity, client_id = %self.key.client_id,
                     error = %e, "queued message not saved");
             }
         }
     }
 
-    /// Deletes everything the store keeps of this session's queue (it ended, or began
-    /// again with Clean Start).
-    pub(super) fn drop_stored_queue(&mut self) {
-        if self.store_id == 0 {
-            return;
+    /// Releases everything the store keeps for this session (it ended, or began again
+    /// with Clean Start); returns how many messages that was.
+    pub(super) fn drop_stored_queue(&mut self) -> usize {
+        let ids = self.outgoing.take_stored();
+        for id in &ids {
+            self.release(*id);
         }
-        match self.shared.store.drop_session_queue(self.store_id) {
-            Ok(0) => {}
-            Ok(n) => {
-                self.shared.metrics.dropped.inc_by(n as u64);
-                warn!(identity = %self.key.identity, client_id = %self.key.client_id,
-                    dropped = n, "session ended: its stored queue was deleted");
+        if self.store_id != 0 {
+            if let Err(e) = self.shared.store.drop_session_queue(self.store_id) {
+                error!(identity = %self.key.identity, client_id = %self.key.client_id,
+                    error = %e, "stored queue not deleted");
             }
-            Err(e) => error!(identity = %self.key.identity, client_id = %self.key.client_id,
-                error = %e, "stored queue not deleted"),
+            self.mark = Mark::default();
         }
+        if !ids.is_empty() {
+            warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                dropped = ids.len(), "session ended: its stored queue was deleted");
+        }
+        ids.len()
     }
 
-    /// The store failed: logged once here with its path; the batch's acknowledgements
-    /// are withheld by closing the connection at the next flush.
+    /// The store failed: logged here with its path; the batch's acknowledgements are
+    /// withheld by closing the connection at the next flush.
     fn store_failed(&mut self, e: &StoreError) {
         error!(identity = %self.key.identity, client_id = %self.key.client_id, error = %e,
             "store failed");

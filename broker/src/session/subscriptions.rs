@@ -174,7 +174,7 @@ impl Session {
                 self.deliver(
                     Owed {
                         id: 0,
-                        stored: false,
+                        seq: None,
                         message,
                     },
                     true,

@@ -6,7 +6,7 @@
 mod queues;
 mod records;
 
-pub(crate) use queues::QueueState;
+pub(crate) use queues::{Mark, QueueState, Spilled};
 pub(crate) use records::{QueuedMessage, SavedSubscription, SavedWill, SessionRecord, Stored};
 
 use crate::config::OnCorruption;
@@ -40,6 +40,8 @@ pub(crate) struct Opened {
     pub(crate) queues: std::collections::HashMap<u64, QueueState>,
     /// The highest message id the store holds: new ids start above it.
     pub(crate) max_id: u64,
+    /// Queued messages no session needed any more, removed.
+    pub(crate) collected: usize,
     /// Where a damaged store was moved, if it was.
     pub(crate) quarantined: Option<PathBuf>,
     pub(crate) unreadable_records: usize,
@@ -83,10 +85,12 @@ impl Store {
                     error!(store = %path.display(), moved_to = %aside.display(), reason = %reason,
                         "retained store damaged: moved aside, starting with an empty store");
                     quarantined = Some(aside);
-                    open_db(&path, cache_bytes).await.map_err(|e| StoreError::Open {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?
+                    open_db(&path, cache_bytes)
+                        .await
+                        .map_err(|e| StoreError::Open {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?
                 }
             },
         };
@@ -143,6 +147,7 @@ impl Store {
             sessions,
             queues: found.queues,
             max_id: found.max_id,
+            collected: found.collected,
             quarantined,
             unreadable_records,
         })
@@ -194,30 +199,17 @@ impl Store {
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// Stores message `id` once, queued for each of `store_ids` (durable with the next
-    /// `sync`).
-    pub(crate) fn put_queued(
-        &self,
-        id: u64,
-        queued: &QueuedMessage,
-        store_ids: &[u64],
-    ) -> Result<(), StoreError> {
-        self.queues
-            .put(id, queued, store_ids)
-            .map_err(|e| self.write_error(e.to_string()))
+    /// Message `id` is about to go to `holders` holders: its recipients, and its
+    /// publisher until it has written the record (`put_queued`, then `release`).
+    pub(crate) fn hold(&self, id: u64, holders: u32) {
+        self.queues.hold(id, holders);
     }
 
-    /// The oldest messages of a session's queue that `skip` does not hold, up to `max`,
-    /// and whether nothing more is queued.
-    pub(crate) fn read_queue(
-        &self,
-        store_id: u64,
-        skip: impl Fn(u64) -> bool,
-        max: usize,
-    ) -> Result<(Vec<(u64, QueuedMessage)>, bool), StoreError> {
+    /// Writes message `id` with its recipients (durable with the next `sync`).
+    pub(crate) fn put_queued(&self, id: u64, queued: &QueuedMessage) -> Result<(), StoreError> {
         self.queues
-            .read(store_id, skip, max)
-            .map_err(|e| self.read_error(e.to_string()))
+            .put(id, queued)
+            .map_err(|e| self.write_error(e.to_string()))
     }
 
     pub(crate) fn queued_message(&self, id: u64) -> Result<Option<QueuedMessage>, StoreError> {
@@ -226,41 +218,44 @@ impl Store {
             .map_err(|e| self.read_error(e.to_string()))
     }
 
-    /// A session is done with message `id`.
-    pub(crate) fn release(&self, store_id: u64, id: u64) -> Result<(), StoreError> {
+    /// One holder of message `id` is done with it (delivered, expired, dropped).
+    pub(crate) fn release(&self, id: u64) -> Result<(), StoreError> {
         self.queues
-            .release(store_id, id)
+            .release(id)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// Message `id` went out to a session with `pkid` (`released`: PUBREC came back).
-    pub(crate) fn sent(&self, store_id: u64, id: u64, pkid: u16, released: bool) -> Result<(), StoreError> {
+    /// How far a session's queue has come (written lazily).
+    pub(crate) fn mark(&self, store_id: u64, mark: Mark) -> Result<(), StoreError> {
         self.queues
-            .sent(store_id, id, pkid, released)
+            .mark(store_id, mark)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// A QoS 2 message in flight to a session: its packet id and whether PUBREC came
+    /// back; `None` once complete.
+    pub(crate) fn sent(
+        &self,
+        store_id: u64,
+        id: u64,
+        state: Option<(u16, bool)>,
+    ) -> Result<(), StoreError> {
+        self.queues
+            .sent(store_id, id, state)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
     /// An inbound QoS 2 message was routed (`received`), or released by PUBREL.
     pub(crate) fn qos2(&self, store_id: u64, pkid: u16, received: bool) -> Result<(), StoreError> {
-        let done = if received {
-            self.queues.qos2_received(store_id, pkid)
-        } else {
-            self.queues.qos2_released(store_id, pkid)
-        };
-        done.map_err(|e| self.write_error(e.to_string()))
-    }
-
-    /// Removes all a session had queued; returns how many messages that was.
-    pub(crate) fn drop_session_queue(&self, store_id: u64) -> Result<usize, StoreError> {
         self.queues
-            .drop_session(store_id)
+            .qos2(store_id, pkid, received)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// Removes messages no queue refers to; how many.
-    pub(crate) fn collect_garbage(&self) -> Result<usize, StoreError> {
+    /// Removes a session's mark and records (its messages it releases itself).
+    pub(crate) fn drop_session_queue(&self, store_id: u64) -> Result<(), StoreError> {
         self.queues
-            .collect_garbage()
+            .drop_session(store_id)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
@@ -482,15 +477,21 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join("conf"), b"\xde\xad\xbe\xef garbage").unwrap();
         std::fs::write(store.join("db"), vec![0xA5u8; 4096]).unwrap();
-        let err = match Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram()).await {
+        let err = match Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram()).await
+        {
             Err(e) => e.to_string(),
             Ok(_) => panic!("garbage opened as a store"),
         };
         assert!(err.contains("retained") && err.contains("damaged"), "{err}");
         // The quarantined store, reopened, is empty and usable.
-        let opened = Store::open(dir.path(), OnCorruption::Quarantine, 8 << 20, test_histogram())
-            .await
-            .unwrap();
+        let opened = Store::open(
+            dir.path(),
+            OnCorruption::Quarantine,
+            8 << 20,
+            test_histogram(),
+        )
+        .await
+        .unwrap();
         let aside = opened.quarantined.expect("moved aside");
         assert!(aside.join("db").is_file());
         assert!(opened.messages.is_empty());

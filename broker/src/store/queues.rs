@@ -1,42 +1,90 @@
-//! Persistent sessions' queues in the store. A message owed to one or more persistent
-//! sessions is written once (`messages`, by id); each session's queue refers to it
-//! (`queue`: store id ++ message id, ordered); what was in flight to a session
-//! (`sent`: its packet id, and whether PUBREC came back) and the inbound QoS 2 packet
-//! ids it has not yet released (`qos2`) are kept beside. A message leaves the store
-//! when the last session that queued it is done with it.
+//! Persistent sessions' queues in the store, written once per message rather than once
+//! per delivery:
 //!
-//! Writes are not durable by themselves: the session that writes waits for the store's
-//! group commit (`Store::sync`) before it acknowledges what depends on them.
+//! - `messages`: a QoS 1/2 message owed to persistent sessions, by message id, with
+//!   its recipients: each session's store id and the sequence number the message has
+//!   in that session's queue;
+//! - `marks`: per session, the sequence number below which it has everything
+//!   (delivered, expired or dropped), written lazily: after a crash a session gets
+//!   again what it finished after its last mark (QoS 1 may repeat, never go missing);
+//! - `sent`: QoS 2 messages in flight to a session (packet id, PUBREC received), so
+//!   that a restart resends them under the same packet id: exactly once;
+//! - `qos2`: inbound QoS 2 packet ids a session has routed and not yet released.
+//!
+//! A message leaves the store when its last recipient releases it: a count in memory
+//! (only for messages with two or more recipients left), rebuilt from the records at
+//! start. Writes are not durable by themselves: a session that depends on them waits
+//! for the store's group commit (`Store::sync`).
 
 use super::records::{
-    decode_queued, decode_sent, encode_queued, encode_sent, entry_key, split_entry_key,
-    QueuedMessage,
+    decode_queued, decode_recipients, decode_sent, encode_queued, encode_sent, entry_key,
+    split_entry_key, QueuedMessage,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// The trees of the queues, and how many queues refer to each message.
-pub(super) struct Queues {
-    messages: sled::Tree,
-    queue: sled::Tree,
-    sent: sled::Tree,
-    qos2: sled::Tree,
-    /// Message id -> queues that still hold it. Rebuilt from `queue` at start.
-    refs: Mutex<HashMap<u64, u32>>,
+/// How far a session's queue has come; see the module notes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Mark {
+    /// Every message with a lower sequence number is finished with.
+    pub(crate) low: u64,
+    /// The next sequence number the session expected.
+    pub(crate) next: u64,
+    /// Messages below this sequence number were sent at least once (resent with DUP).
+    pub(crate) sent_below: u64,
+}
+
+impl Mark {
+    fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
+        out[..8].copy_from_slice(&self.low.to_be_bytes());
+        out[8..16].copy_from_slice(&self.next.to_be_bytes());
+        out[16..].copy_from_slice(&self.sent_below.to_be_bytes());
+        out
+    }
+
+    fn decode(value: &[u8]) -> Option<Self> {
+        let v: &[u8; 24] = value.try_into().ok()?;
+        let word = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().unwrap_or_default());
+        Some(Self {
+            low: word(0),
+            next: word(8),
+            sent_below: word(16),
+        })
+    }
+}
+
+/// A message waiting in a session's queue, as the store knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spilled {
+    pub(crate) seq: u64,
+    pub(crate) id: u64,
+    /// Topic and payload bytes.
+    pub(crate) size: u64,
 }
 
 /// One session's queue as the store found it at start.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct QueueState {
-    /// Messages queued (those in flight included).
-    pub(crate) count: usize,
-    /// Their topic and payload bytes.
-    pub(crate) bytes: u64,
-    /// In flight when the broker stopped: message id, packet id, PUBREC received.
+    pub(crate) mark: Mark,
+    /// Messages still owed, in sequence order.
+    pub(crate) owed: Vec<Spilled>,
+    /// QoS 2 messages in flight: message id, packet id, PUBREC received.
     pub(crate) sent: Vec<(u64, u16, bool)>,
     /// Inbound QoS 2 packet ids awaiting PUBREL.
     pub(crate) qos2: Vec<u16>,
+}
+
+/// The trees of the queues, and who still holds each message.
+pub(super) struct Queues {
+    messages: sled::Tree,
+    marks: sled::Tree,
+    sent: sled::Tree,
+    qos2: sled::Tree,
+    /// Message id -> holders left, for messages with two or more; a message not here
+    /// has one holder, whose release deletes it.
+    holders: Mutex<HashMap<u64, u32>>,
 }
 
 /// What opening the queues found.
@@ -45,44 +93,71 @@ pub(super) struct Found {
     /// The highest message id in the store: new ids must start above it.
     pub(super) max_id: u64,
     pub(super) unreadable: usize,
-}
-
-fn size_of(message: &crate::message::Message) -> u32 {
-    (message.topic.len() + message.payload.len()) as u32
+    /// Messages no session needed any more, removed.
+    pub(super) collected: usize,
 }
 
 impl Queues {
     pub(super) fn open(db: &sled::Db) -> sled::Result<(Self, Found)> {
         let queues = Self {
             messages: db.open_tree("messages")?,
-            queue: db.open_tree("queue")?,
+            marks: db.open_tree("marks")?,
             sent: db.open_tree("sent")?,
             qos2: db.open_tree("qos2")?,
-            refs: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
         };
         let mut found = Found {
             queues: HashMap::new(),
             max_id: 0,
             unreadable: 0,
+            collected: 0,
         };
-        if let Some((key, _)) = queues.messages.last()? {
-            found.max_id = key.as_ref().try_into().map_or(0, u64::from_be_bytes);
+        for item in queues.marks.iter() {
+            let (key, value) = item?;
+            match (<[u8; 8]>::try_from(key.as_ref()), Mark::decode(&value)) {
+                (Ok(k), Some(mark)) => {
+                    found.queues.entry(u64::from_be_bytes(k)).or_default().mark = mark;
+                }
+                _ => found.unreadable += 1,
+            }
         }
+        let mut dead = Vec::new();
         {
-            let mut refs = queues.lock();
-            for item in queues.queue.iter() {
+            let mut holders = queues.lock();
+            for item in queues.messages.iter() {
                 let (key, value) = item?;
-                let (Some((store_id, id)), Ok(size)) =
-                    (split_entry_key(&key), <[u8; 4]>::try_from(value.as_ref()))
-                else {
+                let (Ok(id), Some((recipients, size))) = (
+                    <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes),
+                    decode_recipients(&value),
+                ) else {
                     found.unreadable += 1;
                     continue;
                 };
-                let state = found.queues.entry(store_id).or_default();
-                state.count += 1;
-                state.bytes += u64::from(u32::from_be_bytes(size));
-                *refs.entry(id).or_default() += 1;
+                found.max_id = found.max_id.max(id);
+                let mut owed = 0;
+                for (store_id, seq) in recipients {
+                    if let Some(q) = found.queues.get_mut(&store_id) {
+                        if seq >= q.mark.low {
+                            q.owed.push(Spilled { seq, id, size });
+                            owed += 1;
+                        }
+                    }
+                }
+                match owed {
+                    0 => dead.push(key),
+                    1 => {}
+                    n => {
+                        holders.insert(id, n);
+                    }
+                }
             }
+        }
+        found.collected = dead.len();
+        for key in dead {
+            queues.messages.remove(key)?;
+        }
+        for q in found.queues.values_mut() {
+            q.owed.sort_unstable_by_key(|s| s.seq);
         }
         for item in queues.sent.iter() {
             let (key, value) = item?;
@@ -100,8 +175,9 @@ impl Queues {
             let (key, _) = item?;
             match <[u8; 10]>::try_from(key.as_ref()) {
                 Ok(k) => {
-                    let store_id = u64::from_be_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
-                    let pkid = u16::from_be_bytes([k[8], k[9]]);
+                    let (store_id, pkid) = k.split_at(8);
+                    let store_id = u64::from_be_bytes(store_id.try_into().unwrap_or_default());
+                    let pkid = u16::from_be_bytes(pkid.try_into().unwrap_or_default());
                     found.queues.entry(store_id).or_default().qos2.push(pkid);
                 }
                 Err(_) => found.unreadable += 1,
@@ -111,52 +187,23 @@ impl Queues {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
-        // A panic while holding the lock leaves a consistent count behind.
-        self.refs.lock().unwrap_or_else(|e| e.into_inner())
+        // A panic while holding the lock leaves consistent counts behind.
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores message `id` once and queues it for each of `store_ids`.
-    pub(super) fn put(&self, id: u64, queued: &QueuedMessage, store_ids: &[u64]) -> sled::Result<()> {
-        // Counted first, so that garbage collection never takes it for an orphan.
-        *self.lock().entry(id).or_default() += store_ids.len() as u32;
-        self.messages.insert(id.to_be_bytes(), encode_queued(queued).to_vec())?;
-        let size = size_of(&queued.message).to_be_bytes();
-        let mut batch = sled::Batch::default();
-        for store_id in store_ids {
-            batch.insert(&entry_key(*store_id, id), &size);
+    /// Message `id` is about to go to `holders` holders (its recipients, and its
+    /// publisher until the record is written).
+    pub(super) fn hold(&self, id: u64, holders: u32) {
+        if holders > 1 {
+            self.lock().insert(id, holders);
         }
-        self.queue.apply_batch(batch)
     }
 
-    /// The oldest messages of a session's queue that `skip` does not hold, up to
-    /// `max`; and whether the queue holds nothing more. Entries whose message is gone
-    /// are removed on the way.
-    pub(super) fn read(
-        &self,
-        store_id: u64,
-        skip: impl Fn(u64) -> bool,
-        max: usize,
-    ) -> sled::Result<(Vec<(u64, QueuedMessage)>, bool)> {
-        let mut read = Vec::new();
-        for item in self.queue.scan_prefix(store_id.to_be_bytes()) {
-            let (key, _) = item?;
-            let Some((_, id)) = split_entry_key(&key) else {
-                continue;
-            };
-            if skip(id) {
-                continue;
-            }
-            if read.len() == max {
-                return Ok((read, false));
-            }
-            match self.message(id)? {
-                Some(queued) => read.push((id, queued)),
-                None => {
-                    self.queue.remove(key)?;
-                }
-            }
-        }
-        Ok((read, true))
+    /// Writes message `id` with its recipients.
+    pub(super) fn put(&self, id: u64, queued: &QueuedMessage) -> sled::Result<()> {
+        self.messages
+            .insert(id.to_be_bytes(), encode_queued(queued).to_vec())
+            .map(|_| ())
     }
 
     /// Message `id`, if the store holds it (and can read it).
@@ -167,25 +214,19 @@ impl Queues {
             .and_then(|v| decode_queued(Bytes::copy_from_slice(&v))))
     }
 
-    /// The session is done with message `id` (delivered, expired, dropped): out of its
-    /// queue, and out of the store once no queue holds it.
-    pub(super) fn release(&self, store_id: u64, id: u64) -> sled::Result<()> {
-        let key = entry_key(store_id, id);
-        if self.queue.remove(key)?.is_none() {
-            return Ok(());
-        }
-        self.sent.remove(key)?;
+    /// One holder of message `id` is done with it; the last one deletes it.
+    pub(super) fn release(&self, id: u64) -> sled::Result<()> {
         let last = {
-            let mut refs = self.lock();
-            match refs.get_mut(&id) {
-                Some(n) if *n > 1 => {
+            let mut holders = self.lock();
+            match holders.get_mut(&id) {
+                Some(n) => {
                     *n -= 1;
+                    if *n <= 1 {
+                        holders.remove(&id);
+                    }
                     false
                 }
-                _ => {
-                    refs.remove(&id);
-                    true
-                }
+                None => true,
             }
         };
         if last {
@@ -194,57 +235,53 @@ impl Queues {
         Ok(())
     }
 
-    /// Message `id` went out to the session with `pkid`; `released` once PUBREC came.
-    pub(super) fn sent(&self, store_id: u64, id: u64, pkid: u16, released: bool) -> sled::Result<()> {
-        self.sent
-            .insert(entry_key(store_id, id), &encode_sent(pkid, released))
+    pub(super) fn mark(&self, store_id: u64, mark: Mark) -> sled::Result<()> {
+        self.marks
+            .insert(store_id.to_be_bytes(), &mark.encode())
             .map(|_| ())
     }
 
-    pub(super) fn qos2_received(&self, store_id: u64, pkid: u16) -> sled::Result<()> {
-        self.qos2.insert(qos2_key(store_id, pkid), &[]).map(|_| ())
-    }
-
-    pub(super) fn qos2_released(&self, store_id: u64, pkid: u16) -> sled::Result<()> {
-        self.qos2.remove(qos2_key(store_id, pkid)).map(|_| ())
-    }
-
-    /// Everything of one session: its queue (messages released), in-flight and QoS 2
-    /// records. Returns how many messages it had queued.
-    pub(super) fn drop_session(&self, store_id: u64) -> sled::Result<usize> {
-        let prefix = store_id.to_be_bytes();
-        let ids: Vec<u64> = self
-            .queue
-            .scan_prefix(prefix)
-            .keys()
-            .filter_map(|k| k.ok().and_then(|k| split_entry_key(&k)).map(|(_, id)| id))
-            .collect();
-        for id in &ids {
-            self.release(store_id, *id)?;
+    /// A QoS 2 message in flight to a session (`released`: PUBREC came back), or,
+    /// with `None`, completed.
+    pub(super) fn sent(
+        &self,
+        store_id: u64,
+        id: u64,
+        state: Option<(u16, bool)>,
+    ) -> sled::Result<()> {
+        let key = entry_key(store_id, id);
+        match state {
+            Some((pkid, released)) => self.sent.insert(key, &encode_sent(pkid, released)),
+            None => self.sent.remove(key),
         }
+        .map(|_| ())
+    }
+
+    pub(super) fn qos2(&self, store_id: u64, pkid: u16, received: bool) -> sled::Result<()> {
+        let key = qos2_key(store_id, pkid);
+        if received {
+            self.qos2.insert(key, &[]).map(|_| ())
+        } else {
+            self.qos2.remove(key).map(|_| ())
+        }
+    }
+
+    /// Everything of one session but its messages (which it releases itself): its
+    /// mark, its in-flight and QoS 2 records.
+    pub(super) fn drop_session(&self, store_id: u64) -> sled::Result<()> {
+        let prefix = store_id.to_be_bytes();
+        self.marks.remove(prefix)?;
         for tree in [&self.sent, &self.qos2] {
-            let keys: Vec<sled::IVec> = tree.scan_prefix(prefix).keys().filter_map(Result::ok).collect();
+            let keys: Vec<sled::IVec> = tree
+                .scan_prefix(prefix)
+                .keys()
+                .filter_map(Result::ok)
+                .collect();
             for key in keys {
                 tree.remove(key)?;
             }
         }
-        Ok(ids.len())
-    }
-
-    /// Messages no queue refers to (left by a crash between two writes), removed.
-    pub(super) fn collect_garbage(&self) -> sled::Result<usize> {
-        let mut removed = 0;
-        for key in self.messages.iter().keys() {
-            let key = key?;
-            let Ok(id) = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes) else {
-                continue;
-            };
-            if !self.lock().contains_key(&id) {
-                self.messages.remove(&key)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        Ok(())
     }
 }
 
@@ -253,4 +290,105 @@ fn qos2_key(store_id: u64, pkid: u16) -> [u8; 10] {
     key[..8].copy_from_slice(&store_id.to_be_bytes());
     key[8..].copy_from_slice(&pkid.to_be_bytes());
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    fn queued(recipients: Vec<(u64, u64)>) -> QueuedMessage {
+        QueuedMessage {
+            message: Message {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"hola"),
+                qos: 1,
+                retain: false,
+                properties: None,
+            },
+            origin: 1,
+            received_at: 2,
+            recipients,
+        }
+    }
+
+    #[test]
+    fn a_message_goes_when_its_last_holder_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let (q, _) = Queues::open(&db).unwrap();
+        q.hold(7, 3);
+        q.put(7, &queued(vec![(1, 0), (2, 0)])).unwrap();
+        q.release(7).unwrap();
+        q.release(7).unwrap();
+        assert!(q.message(7).unwrap().is_some(), "one holder left");
+        q.release(7).unwrap();
+        assert!(q.message(7).unwrap().is_none());
+        // One holder: no count, its release deletes.
+        q.put(8, &queued(vec![(1, 1)])).unwrap();
+        q.release(8).unwrap();
+        assert!(q.message(8).unwrap().is_none());
+    }
+
+    #[test]
+    fn reopening_finds_what_each_session_is_still_owed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let (q, _) = Queues::open(&db).unwrap();
+            q.mark(
+                1,
+                Mark {
+                    low: 5,
+                    next: 9,
+                    sent_below: 6,
+                },
+            )
+            .unwrap();
+            q.mark(
+                2,
+                Mark {
+                    low: 0,
+                    next: 1,
+                    sent_below: 0,
+                },
+            )
+            .unwrap();
+            // Session 1 finished seq 4; 5 and 6 are owed. Session 2 is owed seq 0.
+            q.put(10, &queued(vec![(1, 4)])).unwrap();
+            q.put(11, &queued(vec![(1, 6), (2, 0)])).unwrap();
+            q.put(12, &queued(vec![(1, 5)])).unwrap();
+            // No mark: a session that is gone.
+            q.put(13, &queued(vec![(3, 0)])).unwrap();
+            q.sent(1, 11, Some((42, true))).unwrap();
+            q.qos2(2, 9, true).unwrap();
+            db.flush().unwrap();
+        }
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let (q, found) = Queues::open(&db).unwrap();
+        assert_eq!((found.max_id, found.collected), (13, 2));
+        let one = &found.queues[&1];
+        assert_eq!(
+            one.mark,
+            Mark {
+                low: 5,
+                next: 9,
+                sent_below: 6
+            }
+        );
+        let owed: Vec<(u64, u64)> = one.owed.iter().map(|s| (s.seq, s.id)).collect();
+        assert_eq!(owed, [(5, 12), (6, 11)]);
+        assert_eq!(one.sent, [(11, 42, true)]);
+        assert_eq!(found.queues[&2].qos2, [9]);
+        assert!(q.message(10).unwrap().is_none() && q.message(13).unwrap().is_none());
+        // Message 11 has two holders again.
+        q.release(11).unwrap();
+        assert!(q.message(11).unwrap().is_some());
+        q.release(11).unwrap();
+        assert!(q.message(11).unwrap().is_none());
+        q.drop_session(1).unwrap();
+        drop(q);
+        let (_, found) = Queues::open(&db).unwrap();
+        assert!(!found.queues.contains_key(&1));
+    }
 }

@@ -50,6 +50,9 @@ pub(crate) struct QueuedMessage {
     pub(crate) origin: u64,
     /// When the broker received it, µs since the Unix epoch (message expiry).
     pub(crate) received_at: u64,
+    /// The persistent sessions it is owed to: store id, and its sequence number in
+    /// that session's queue.
+    pub(crate) recipients: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,7 +180,9 @@ pub(super) fn encode_session(record: &SessionRecord) -> Bytes {
 }
 
 fn millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 pub(super) fn decode_session(mut buf: Bytes) -> Option<SessionRecord> {
@@ -265,6 +270,11 @@ pub(super) fn encode_queued(q: &QueuedMessage) -> Bytes {
     buf.put_u8(flags);
     buf.put_u64(q.origin);
     buf.put_u64(q.received_at);
+    buf.put_u32(q.recipients.len() as u32);
+    for (store_id, seq) in &q.recipients {
+        buf.put_u64(*store_id);
+        buf.put_u64(*seq);
+    }
     if let Some(p) = props {
         buf.put_u32(p.len() as u32);
         buf.put_slice(&p);
@@ -281,6 +291,7 @@ pub(super) fn decode_queued(mut buf: Bytes) -> Option<QueuedMessage> {
     let flags = take(&mut buf, 1)?[0];
     let origin = take(&mut buf, 8)?.get_u64();
     let received_at = take(&mut buf, 8)?.get_u64();
+    let recipients = take_recipients(&mut buf)?;
     let properties = if flags & HAS_PROPERTIES != 0 {
         let len = take_u32(&mut buf)? as usize;
         Some(decode_properties(take(&mut buf, len)?)?)
@@ -298,7 +309,44 @@ pub(super) fn decode_queued(mut buf: Bytes) -> Option<QueuedMessage> {
         },
         origin,
         received_at,
+        recipients,
     })
+}
+
+fn take_recipients(buf: &mut Bytes) -> Option<Vec<(u64, u64)>> {
+    let n = take_u32(buf)? as usize;
+    let mut pairs = take(buf, n.checked_mul(16)?)?;
+    Some((0..n).map(|_| (pairs.get_u64(), pairs.get_u64())).collect())
+}
+
+/// The recipients of a queued-message record and its topic and payload bytes, without
+/// decoding (or copying) the rest: the store's start reads every record this way.
+pub(super) fn decode_recipients(value: &[u8]) -> Option<(Vec<(u64, u64)>, u64)> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let part = value.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(part)
+    };
+    let u32_of = |b: &[u8]| b.try_into().ok().map(u32::from_be_bytes);
+    let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+    if take(1)?[0] != RECORD_VERSION {
+        return None;
+    }
+    let flags = take(1)?[0];
+    take(16)?;
+    let n = u32_of(take(4)?)? as usize;
+    let mut recipients = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        recipients.push((u64_of(take(8)?)?, u64_of(take(8)?)?));
+    }
+    if flags & HAS_PROPERTIES != 0 {
+        let len = u32_of(take(4)?)? as usize;
+        take(len)?;
+    }
+    // The topic's length prefix; topic and payload are the rest.
+    take(4)?;
+    Some((recipients, value.len().saturating_sub(at) as u64))
 }
 
 /// What the store knows of a message in flight to a session: its packet id, and
@@ -405,8 +453,15 @@ pub(super) mod tests {
             message: message("articulos/a/futbol", b"{}"),
             origin: 7,
             received_at: 1_700_000_000_000_001,
+            recipients: vec![(3, 9), (4, 0)],
         };
-        assert_eq!(decode_queued(encode_queued(&q)), Some(q.clone()));
+        let encoded = encode_queued(&q);
+        assert_eq!(decode_queued(encoded.clone()), Some(q.clone()));
+        let size = ("articulos/a/futbol".len() + 2) as u64;
+        assert_eq!(
+            decode_recipients(&encoded),
+            Some((vec![(3, 9), (4, 0)], size))
+        );
         let plain = QueuedMessage {
             message: Message {
                 properties: None,
@@ -418,7 +473,10 @@ pub(super) mod tests {
         };
         assert_eq!(decode_queued(encode_queued(&plain)), Some(plain));
         assert_eq!(decode_queued(Bytes::from_static(b"\x01\x05")), None);
-        assert_eq!(split_entry_key(&entry_key(3, u64::MAX)), Some((3, u64::MAX)));
+        assert_eq!(
+            split_entry_key(&entry_key(3, u64::MAX)),
+            Some((3, u64::MAX))
+        );
         assert!(entry_key(1, 2) < entry_key(1, 3) && entry_key(1, u64::MAX) < entry_key(2, 0));
         assert_eq!(decode_sent(&encode_sent(513, true)), Some((513, true)));
         assert_eq!(decode_sent(b"\x01"), None);

@@ -26,15 +26,25 @@ fn msg(n: u32) -> Message {
 fn owed(n: u32) -> Owed {
     Owed {
         id: n.into(),
-        stored: false,
+        seq: None,
         message: msg(n),
     }
 }
 
+/// Stored under sequence number `n` (message id 100 + n).
 fn stored(n: u32) -> Owed {
     Owed {
-        stored: true,
-        ..owed(n)
+        id: 100 + u64::from(n),
+        seq: Some(n.into()),
+        message: msg(n),
+    }
+}
+
+fn spilled(n: u32) -> Spilled {
+    Spilled {
+        seq: n.into(),
+        id: 100 + u64::from(n),
+        size: 4,
     }
 }
 
@@ -167,7 +177,11 @@ fn packet_ids_wrap_around_skipping_zero_and_ids_in_flight() {
     let acked = sent(out.admit(owed(1), t(0), false));
     assert_eq!(acked.pkid, u16::MAX);
     out.acknowledged(acked.pkid);
-    assert_eq!(sent(out.admit(owed(2), t(0), false)).pkid, 1, "0 is skipped");
+    assert_eq!(
+        sent(out.admit(owed(2), t(0), false)).pkid,
+        1,
+        "0 is skipped"
+    );
     // All the way round: the id still in flight is skipped, a freed one reused.
     out.last_pkid = u16::MAX - 2;
     assert_eq!(sent(out.admit(owed(3), t(0), false)).pkid, u16::MAX);
@@ -207,8 +221,9 @@ fn a_message_that_cannot_be_written_is_not_in_flight() {
     let mut out = Outgoing::new(limits(1, 100));
     out.attach(u16::MAX);
     let big = sent(out.admit(stored(1), t(0), false));
+    assert_eq!(out.low(), 1, "in flight: not finished");
     assert_eq!(out.unsent(big.pkid), Some(stored(1)));
-    assert!(!out.holds(1));
+    assert_eq!(out.low(), 2);
     assert!(out.sends_now());
     assert!(out.attach(u16::MAX).is_empty());
 }
@@ -221,7 +236,8 @@ fn queued_messages_expire_and_the_rest_have_their_expiry_lowered() {
     out.admit(owed(3), t(0), false);
     out.admit(
         Owed {
-            stored: true,
+            id: 104,
+            seq: Some(4),
             ..expiring(4, 5)
         },
         t(0),
@@ -230,7 +246,10 @@ fn queued_messages_expire_and_the_rest_have_their_expiry_lowered() {
     assert_eq!(topics(&out.unstored(t(10))), ["t/2", "t/3"]);
     out.attach(u16::MAX);
     let first = out.next(t(10)).unwrap();
-    assert_eq!(first.owed.message.topic, "t/2", "the expired one is skipped");
+    assert_eq!(
+        first.owed.message.topic, "t/2",
+        "the expired one is skipped"
+    );
     let left = first
         .owed
         .message
@@ -239,8 +258,8 @@ fn queued_messages_expire_and_the_rest_have_their_expiry_lowered() {
     assert_eq!(left, Some(50));
     assert_eq!(out.next(t(10)).unwrap().owed.message.topic, "t/3");
     assert!(out.next(t(10)).is_none());
-    assert_eq!(out.take_expired(), [4], "the stored one is deleted");
-    assert!(!out.holds(4));
+    assert_eq!(out.take_expired(), [104], "the stored one is released");
+    assert_eq!(out.low(), 5);
 }
 
 #[test]
@@ -256,36 +275,66 @@ fn stored_messages_beyond_the_memory_share_wait_on_disk_in_order() {
     assert_eq!(out.admit(stored(5), t(0), false), Admission::OnDisk);
     assert_eq!(out.admit(stored(6), t(0), false), Admission::OnDisk);
     assert_eq!(out.queued(), 6);
-    assert!(out.holds(4) && !out.holds(5));
-    assert_eq!(out.wants_from_disk(), None, "memory is more than half full");
+    assert!(
+        out.take_to_load().is_empty(),
+        "memory is more than half full"
+    );
     out.attach(1);
     let mut got = Vec::new();
     loop {
-        if let Some(n) = out.wants_from_disk() {
-            // What a session reads: the oldest on disk that the engine does not hold.
-            let read: Vec<(Owed, SystemTime)> = (1..=6u32)
-                .filter(|id| !out.holds((*id).into()) && !got.contains(id))
-                .take(n)
-                .map(|id| (stored(id), t(0)))
-                .collect();
-            let end = read.len() < n;
-            out.loaded(read, end);
+        for s in out.take_to_load() {
+            let n = s.seq as u32;
+            out.loaded(stored(n), t(0));
         }
         let Some(t) = out.next(t(0)) else { break };
-        let id = t.owed.id as u32;
-        got.push(id);
-        assert_eq!(out.acknowledged(t.pkid).map(|o| o.id), Some(id.into()));
+        got.push(t.owed.seq.unwrap());
+        assert_eq!(out.acknowledged(t.pkid).map(|o| o.id), Some(t.owed.id));
     }
     assert_eq!(got, [1, 2, 3, 4, 5, 6]);
     assert_eq!(out.queued(), 0);
+    assert_eq!(out.low(), 7);
 }
 
 #[test]
-fn after_a_restart_what_was_in_flight_goes_first_and_ids_continue() {
+fn low_is_the_oldest_stored_message_not_finished() {
+    let mut out = Outgoing::new(limits(10, 100));
+    assert_eq!(out.low(), 0);
+    out.attach(10);
+    let first = sent(out.admit(stored(0), t(0), false));
+    sent(out.admit(stored(1), t(0), false));
+    // Received and finished with at once (no subscription matched).
+    out.skip(Some(2));
+    assert_eq!(out.low(), 0);
+    out.acknowledged(first.pkid);
+    assert_eq!(out.low(), 1);
+    assert_eq!(out.next_seq(), 3);
+    assert_eq!(out.sent_below(), 2);
+}
+
+#[test]
+fn a_message_not_yet_readable_waits_on_disk_first() {
+    let mut out = Outgoing::new(Limits {
+        in_memory: 2,
+        ..limits(1, 100)
+    });
+    out.restore(vec![spilled(3), spilled(4), spilled(5)], Vec::new(), 9, 0);
+    let wanted = out.take_to_load();
+    assert_eq!(wanted, [spilled(3), spilled(4)]);
+    out.loaded(stored(3), t(0));
+    out.unloaded(vec![spilled(4)]);
+    assert_eq!(out.queued(), 3);
+    assert_eq!(out.low(), 3);
+    assert!(
+        out.take_to_load().is_empty(),
+        "half of the memory share is in use"
+    );
+}
+
+#[test]
+fn after_a_restart_what_was_in_flight_goes_first_and_the_rest_is_marked_dup() {
     let mut out = Outgoing::new(limits(10, 100));
     out.restore(
-        2,
-        8,
+        vec![spilled(1), spilled(2), spilled(3), spilled(4)],
         vec![
             WasInflight {
                 pkid: 7,
@@ -298,9 +347,11 @@ fn after_a_restart_what_was_in_flight_goes_first_and_ids_continue() {
                 owed: stored(2),
             },
         ],
+        10,
+        4,
     );
-    assert_eq!(out.queued(), 2);
-    assert!(out.holds(1) && out.holds(2));
+    assert_eq!(out.queued(), 2, "3 and 4 wait on disk");
+    assert_eq!(out.low(), 1);
     assert_eq!(
         out.attach(10),
         vec![
@@ -311,9 +362,15 @@ fn after_a_restart_what_was_in_flight_goes_first_and_ids_continue() {
             Resend::PubRel { pkid: 8 },
         ]
     );
-    assert_eq!(out.wants_from_disk(), Some(1000));
-    out.loaded(vec![(stored(3), t(0)), (stored(4), t(0))], true);
-    assert_eq!(out.next(t(0)).unwrap().pkid, 9, "packet ids go on from the restored");
+    for s in out.take_to_load() {
+        out.loaded(stored(s.seq as u32), t(0));
+    }
+    let three = out.next(t(0)).unwrap();
+    assert_eq!(three.pkid, 9, "packet ids go on from the restored");
+    assert!(three.dup, "sent before the restart, maybe");
+    let four = out.next(t(0)).unwrap();
+    assert!(!four.dup, "seq 4 was never sent (sent below 4)");
+    assert!(!sent(out.admit(stored(10), t(0), false)).dup);
 }
 
 #[test]
@@ -321,10 +378,9 @@ fn clear_forgets_everything() {
     let mut out = Outgoing::new(limits(2, 100));
     out.attach(u16::MAX);
     sent(out.admit(stored(1), t(0), false));
-    out.admit(owed(2), t(0), false);
+    out.admit(stored(2), t(0), false);
     out.admit(owed(3), t(0), false);
-    out.clear();
+    assert_eq!(out.take_stored(), [102, 101]);
     assert_eq!(out.queued(), 0);
-    assert!(!out.holds(1));
     assert!(out.attach(u16::MAX).is_empty());
 }
