@@ -5,6 +5,7 @@
 
 mod client;
 mod codec;
+mod judge;
 mod orchestrate;
 mod payload;
 mod pki;
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 use scenarios::connections::ConnArgs;
 use scenarios::durable::DurableArgs;
 use scenarios::flow_args::{FanoutArgs, LatencyArgs};
+use scenarios::offline::OfflineArgs;
 use scenarios::retained::RetainedArgs;
 use scenarios::slowloris::SlowlorisArgs;
 use scenarios::throughput::FlowArgs;
@@ -88,6 +90,13 @@ enum Cmd {
         #[command(flatten)]
         args: DurableArgs,
     },
+    /// A persistent subscriber's queue of many messages across a broker crash.
+    OfflineQueue {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: OfflineArgs,
+    },
     /// Cost of the MQTT codec per packet (encode, decode), as JSON.
     Codec {
         #[arg(long, default_value_t = 300)]
@@ -135,7 +144,7 @@ fn main() -> ExitCode {
 }
 
 async fn scenario(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
-    use scenarios::{connections, durable, retained, slowloris, throughput};
+    use scenarios::{connections, durable, offline, retained, slowloris, throughput};
     let out = match cmd {
         Cmd::Throughput { common, args } => throughput::run("throughput", &common, &args).await?,
         Cmd::Fanout { common, args } => throughput::run("fanout", &common, &(&args).into()).await?,
@@ -146,6 +155,7 @@ async fn scenario(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
         Cmd::Retained { common, args } => retained::run(&common, &args).await?,
         Cmd::Slowloris { common, args } => slowloris::run(&common, &args).await?,
         Cmd::DurableRetained { common, args } => durable::run(&common, &args).await?,
+        Cmd::OfflineQueue { common, args } => offline::run(&common, &args).await?,
         Cmd::Codec {
             payload,
             iterations,

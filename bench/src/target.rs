@@ -39,6 +39,9 @@ pub struct Spec {
     pub dir: PathBuf,
     /// Mosquitto: `persistence true` (ours always persists retained messages).
     pub persistence: bool,
+    /// Messages a session may have queued (both brokers); ours also gets 1 KiB per
+    /// message as its byte limit.
+    pub max_queued: usize,
 }
 
 /// A running broker, killed when dropped.
@@ -92,7 +95,8 @@ auto_generate = false
 
 [session]
 max_inflight = 100
-max_queued = 10000
+max_queued = {max_queued}
+max_queued_bytes = {max_queued_bytes}
 
 [storage]
 data_dir = {data}
@@ -110,6 +114,8 @@ dir = ""
         cert = p(&spec.pki.server_cert),
         key = p(&spec.pki.server_key),
         data = p(&spec.dir.join("data")),
+        max_queued = spec.max_queued,
+        max_queued_bytes = spec.max_queued as u64 * 1024,
     )
 }
 
@@ -128,7 +134,7 @@ fn mosquitto_config(spec: &Spec) -> String {
          per_listener_settings false\n\
          allow_anonymous false\n\
          max_inflight_messages 100\n\
-         max_queued_messages 10000\n\
+         max_queued_messages {max_queued}\n\
          {persistence}\
          log_dest file {log}\n\
          log_type error\n\
@@ -147,6 +153,7 @@ fn mosquitto_config(spec: &Spec) -> String {
         ca = spec.pki.ca.display(),
         cert = spec.pki.server_cert.display(),
         key = spec.pki.server_key.display(),
+        max_queued = spec.max_queued,
     )
 }
 
@@ -287,6 +294,12 @@ impl Broker {
         started.elapsed()
     }
 
+    /// SIGKILL, as a crash would: nothing saved on the way out.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The broker's own log (ours: stdout; Mosquitto: its log file), empty if unreadable.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
@@ -405,6 +418,16 @@ pub fn restored_line(log: &str) -> Option<(u64, u64)> {
     Some((field("messages=")?, field("took_ms=")?))
 }
 
+/// `queued=N` of the same line: messages restored into persistent sessions' queues.
+pub fn restored_queued(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("retained messages restored"))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("queued="))
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +477,7 @@ mod tests {
             port: 18883,
             dir: "/t".into(),
             persistence: true,
+            max_queued: 10_000,
         };
         let m = mosquitto_config(&spec);
         assert!(m.contains("listener 18883 127.0.0.1"));

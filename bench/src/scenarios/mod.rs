@@ -5,6 +5,7 @@ pub mod connections;
 pub mod durable;
 pub mod flow_args;
 pub mod load;
+pub mod offline;
 pub mod retained;
 pub mod slowloris;
 pub mod throughput;
@@ -55,6 +56,15 @@ pub struct Setup {
 impl Setup {
     /// Creates the PKI (if needed), starts the broker and waits until it accepts a CONNECT.
     pub async fn start(common: &Common, persistence: bool) -> anyhow::Result<Self> {
+        Self::start_queued(common, persistence, 10_000).await
+    }
+
+    /// [`Setup::start`] with room for `max_queued` messages per session.
+    pub async fn start_queued(
+        common: &Common,
+        persistence: bool,
+        max_queued: usize,
+    ) -> anyhow::Result<Self> {
         let (pki_dir, pki) = match &common.pki_dir {
             Some(dir) => (None, Pki::ensure(dir)?),
             None => {
@@ -89,6 +99,7 @@ impl Setup {
             port,
             dir: dir.path().to_path_buf(),
             persistence,
+            max_queued,
         };
         let publisher = client::connector(&pki, "publisher")?;
         let subscriber = client::connector(&pki, "subscriber")?;
