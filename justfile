@@ -16,6 +16,10 @@ pub *ARGS:
 sub *ARGS:
     cargo run --release -p clients --bin subscriber -- {{ARGS}}
 
+# Read the subscriber's archive: `just archive list --section futbol`, `just archive stats`
+archive *ARGS:
+    cargo run --release -p clients --bin subscriber -- archive {{ARGS}}
+
 # Run broker, publisher and subscriber in one process (Ctrl-C stops all three)
 up:
     cargo run --release

@@ -9,8 +9,8 @@ use broker::Config;
 use clap::Parser;
 use clients::cli::{parse_seconds, shutdown_signal};
 use clients::{
-    run_publisher, run_subscriber, ClientEvent, ConnectionOptions, PublisherOptions,
-    SubscriberOptions,
+    run_publisher, run_subscriber, ArchiveOptions, ArchiveUrl, ClientEvent, ConnectionOptions,
+    PublisherOptions, SubscriberOptions,
 };
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +22,7 @@ use tracing::error;
 #[command(
     version,
     about = "Run the broker, a publisher and a subscriber in one process (Ctrl-C stops all three)",
-    after_help = "Examples:\n  cargo run --release                     the whole stack with ./broker.toml\n  cargo run --release -- --interval 0.5   an article every half second"
+    after_help = "Examples:\n  cargo run --release                     the whole stack with ./broker.toml, archiving into data/articles.db\n  cargo run --release -- --interval 0.5   an article every half second\n  cargo run --release -- --archive postgres://news:secret@localhost:5432/news"
 )]
 struct Args {
     /// Broker configuration file.
@@ -38,6 +38,13 @@ struct Args {
         default_value = "articulos/+/futbol"
     )]
     topics: Vec<String>,
+    /// Where the subscriber archives the articles: sqlite:PATH or
+    /// postgres://user:password@host:port/db [default: sqlite:<storage.data_dir>/articles.db]
+    #[arg(long, value_name = "URL", conflicts_with = "no_archive")]
+    archive: Option<String>,
+    /// Do not archive the articles, only print them.
+    #[arg(long)]
+    no_archive: bool,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +70,16 @@ async fn run(config: Config, args: Args) -> anyhow::Result<()> {
     let tls = &config.tls;
     let layout = Layout::for_broker(&tls.ca_file, &tls.cert_file, &tls.key_file);
     let ca = tls.ca_file.clone();
+    let archive = match (&args.archive, args.no_archive) {
+        (_, true) => None,
+        (Some(url), false) => Some(
+            url.parse::<ArchiveUrl>()
+                .map_err(|e| anyhow::anyhow!("--archive: {e}"))?,
+        ),
+        (None, false) => Some(ArchiveUrl::Sqlite(
+            config.storage.data_dir.join("articles.db"),
+        )),
+    };
     let broker = broker::start(config).await?;
     let port = broker.local_addr().port();
 
@@ -85,6 +102,7 @@ async fn run(config: Config, args: Args) -> anyhow::Result<()> {
 
     let mut sub_opts = SubscriberOptions::new(connection("subscriber"));
     sub_opts.topics = args.topics;
+    sub_opts.archive = archive.map(ArchiveOptions::new);
     let (events, mut subscriber_events) = tokio::sync::mpsc::unbounded_channel();
     sub_opts.events = Some(events);
     let subscriber = tokio::spawn(run_subscriber(

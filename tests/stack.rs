@@ -309,7 +309,8 @@ async fn every_article_survives_a_broker_restart() {
 }
 
 /// The stack binary, as `cargo run` starts it: certificates on first run, every line
-/// prefixed by its component, SIGTERM stops all three.
+/// prefixed by its component, articles archived in data/articles.db, SIGTERM stops all
+/// three (the subscriber's archive committed first).
 #[test]
 fn stack_binary_runs_all_three_and_stops_cleanly() {
     use std::io::{BufRead, BufReader};
@@ -358,4 +359,21 @@ fn stack_binary_runs_all_three_and_stops_cleanly() {
         );
     }
     assert!(dir.path().join("certs/publisher.crt").is_file());
+
+    // The subscriber archived what it printed, in data/articles.db beside broker.toml.
+    let printed = seen.last().unwrap().clone();
+    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let url = clients::ArchiveUrl::Sqlite(dir.path().join("data/articles.db"));
+        let mut store = clients::Store::open(&url, false).await.unwrap();
+        let query = clients::archive::ListQuery {
+            limit: 1_000,
+            ..Default::default()
+        };
+        store.list(&query).await.unwrap()
+    });
+    assert!(
+        rows.iter()
+            .any(|r| printed.contains(&format!("] {} — ", r.title))),
+        "{printed:?} not among the archived {rows:#?}"
+    );
 }

@@ -15,6 +15,7 @@ mod stats;
 mod target;
 
 use clap::{Parser, Subcommand};
+use scenarios::archive::ArchiveArgs;
 use scenarios::connections::ConnArgs;
 use scenarios::durable::DurableArgs;
 use scenarios::flow_args::{FanoutArgs, LatencyArgs};
@@ -29,7 +30,7 @@ use std::process::ExitCode;
 #[command(
     version,
     about = "Load generator: our broker against Mosquitto over mutual TLS on 127.0.0.1",
-    after_help = "Examples:\n  bench throughput --target ours --qos 1 --rate 20000\n  bench throughput --target mosquitto --sweep\n  bench connections --count 10000 --rate 1000\n  bench all --reps 3 --write docs/BENCHMARKS.md\n  bench all --quick --only latency"
+    after_help = "Examples:\n  bench throughput --target ours --qos 1 --rate 20000\n  bench throughput --target mosquitto --sweep\n  bench connections --count 10000 --rate 1000\n  bench all --reps 3 --write docs/BENCHMARKS.md\n  bench all --quick --only latency\n  bench archive --database postgres --rate 500 --count 5000"
 )]
 struct Cli {
     /// Tokio worker threads of the load generator.
@@ -97,6 +98,13 @@ enum Cmd {
         #[command(flatten)]
         args: OfflineArgs,
     },
+    /// The subscriber's archive (SQLite or PostgreSQL): articles archived per second, publish-to-commit latency.
+    Archive {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: ArchiveArgs,
+    },
     /// Cost of the MQTT codec per packet (encode, decode), as JSON.
     Codec {
         #[arg(long, default_value_t = 300)]
@@ -144,7 +152,7 @@ fn main() -> ExitCode {
 }
 
 async fn scenario(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
-    use scenarios::{connections, durable, offline, retained, slowloris, throughput};
+    use scenarios::{archive, connections, durable, offline, retained, slowloris, throughput};
     let out = match cmd {
         Cmd::Throughput { common, args } => throughput::run("throughput", &common, &args).await?,
         Cmd::Fanout { common, args } => throughput::run("fanout", &common, &(&args).into()).await?,
@@ -156,6 +164,7 @@ async fn scenario(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
         Cmd::Slowloris { common, args } => slowloris::run(&common, &args).await?,
         Cmd::DurableRetained { common, args } => durable::run(&common, &args).await?,
         Cmd::OfflineQueue { common, args } => offline::run(&common, &args).await?,
+        Cmd::Archive { common, args } => archive::run(&common, &args).await?,
         Cmd::Codec {
             payload,
             iterations,

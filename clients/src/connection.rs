@@ -75,7 +75,13 @@ impl ConnectionOptions {
     }
 
     /// rumqttc options with a freshly built TLS configuration (certificate files re-read).
-    pub(crate) fn mqtt_options(&self, clean_session: bool) -> Result<MqttOptions, TlsError> {
+    /// `manual_acks`: incoming QoS 1 messages are acknowledged by the caller (the
+    /// archiving subscriber, once stored), not by rumqttc on receipt.
+    pub(crate) fn mqtt_options(
+        &self,
+        clean_session: bool,
+        manual_acks: bool,
+    ) -> Result<MqttOptions, TlsError> {
         let tls = client_config(&self.ca, &self.cert, &self.key)?;
         let mut opts = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
         opts.set_keep_alive(Duration::from_secs(self.keep_alive.as_secs().max(1)))
@@ -83,6 +89,7 @@ impl ConnectionOptions {
             // but never risk a panic here.
             .set_clean_session(clean_session || self.client_id.is_empty())
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
+            .set_manual_acks(manual_acks)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));
@@ -115,6 +122,8 @@ pub enum ClientEvent {
     Published { article: Article, topic: String },
     /// A connection attempt failed or an established connection dropped.
     ConnectionLost { reason: String },
+    /// The archive committed these articles' rows (new, or already there).
+    Archived { ids: Vec<String> },
 }
 
 pub(crate) fn emit(events: &Option<mpsc::UnboundedSender<ClientEvent>>, event: ClientEvent) {
@@ -139,8 +148,9 @@ impl Session {
         opts: &ConnectionOptions,
         clean_session: bool,
         request_capacity: usize,
+        manual_acks: bool,
     ) -> Result<Self, TlsError> {
-        let mqtt = opts.mqtt_options(clean_session)?;
+        let mqtt = opts.mqtt_options(clean_session, manual_acks)?;
         let (client, mut eventloop) = AsyncClient::new(mqtt, request_capacity);
         eventloop
             .network_options

@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+use crate::archive::StoreError;
 use crate::source::ArticleError;
 use crate::tls::TlsError;
 use crate::topic::TopicError;
@@ -24,4 +25,9 @@ pub enum ClientError {
     Encode(#[from] serde_json::Error),
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// The archive cannot be opened (first attempt, without `retry`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("archive: {0}")]
+    Archive(String),
 }

@@ -42,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod archive;
 pub mod article;
 pub mod backoff;
 pub mod catalogue;
@@ -56,6 +57,7 @@ pub mod subscriber;
 pub mod tls;
 pub mod topic;
 
+pub use archive::{ArchiveOptions, ArchiveUrl, Store};
 pub use article::Article;
 pub use backoff::{Backoff, BackoffPolicy};
 pub use connection::{default_publisher_id, default_subscriber_id, ClientEvent, ConnectionOptions};

@@ -301,7 +301,7 @@ where
     loop {
         // One connection per iteration; TLS files are re-read here.
         let mut established = false;
-        let failure = match Session::start(&p.opts.connection, true, WINDOW + 8) {
+        let failure = match Session::start(&p.opts.connection, true, WINDOW + 8, false) {
             Err(tls) => {
                 if p.report.connections == 0 && !p.opts.connection.retry {
                     return Err(tls.into());

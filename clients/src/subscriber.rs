@@ -1,5 +1,5 @@
 //! The subscriber: persistent session, QoS 1 subscriptions (optionally shared), payload
-//! parsing and de-duplication of redelivered articles.
+//! parsing, de-duplication of redelivered articles, and the archive (`crate::archive`).
 
 use std::future::Future;
 use std::io::Write;
@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::archive::{ArchiveOptions, Commit, Pipeline};
 use crate::backoff::Backoff;
 use crate::connection::{
     describe_connection_error, emit, log_failure, ClientEvent, ConnectionOptions, Session,
@@ -33,8 +34,11 @@ pub struct SubscriberOptions {
     pub clean_session: bool,
     /// How many article ids to remember for de-duplication.
     pub dedupe_window: usize,
-    /// Optional observer: `Connected`, `Subscribed` (after SUBACK), `ConnectionLost`.
+    /// Optional observer: `Connected`, `Subscribed` (after SUBACK), `ConnectionLost`,
+    /// `Archived` (after each commit).
     pub events: Option<mpsc::UnboundedSender<ClientEvent>>,
+    /// Keep every article in a database, acknowledged once stored (`None`: print only).
+    pub archive: Option<ArchiveOptions>,
 }
 
 impl SubscriberOptions {
@@ -49,6 +53,7 @@ impl SubscriberOptions {
             clean_session: false,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             events: None,
+            archive: None,
         }
     }
 
@@ -162,6 +167,10 @@ pub struct SubscriberReport {
     pub duplicates: u64,
     /// Successful connections (1 + reconnections).
     pub connections: u64,
+    /// With an archive: new rows committed.
+    pub archived: u64,
+    /// With an archive: messages acknowledged without a row (not articles).
+    pub not_archived: u64,
 }
 
 /// Runs the subscriber until `shutdown` completes, delivering every message to `sink`.
@@ -169,6 +178,10 @@ pub struct SubscriberReport {
 /// Subscribes (QoS 1) on the first connection and again whenever the broker has no
 /// session for us (`session_present = false`). The first connection failing is an error
 /// unless `connection.retry` is set; afterwards it reconnects forever with backoff.
+///
+/// With `archive`, each message is acknowledged only once its row is committed (or it
+/// is refused as not an article); while the database is down nothing is acknowledged,
+/// the MQTT session stays up and the broker keeps the messages.
 pub async fn run_subscriber<F, S>(
     opts: SubscriberOptions,
     mut sink: F,
@@ -182,6 +195,11 @@ where
         .validate()
         .map_err(ClientError::InvalidOption)?;
     let filters = opts.filters()?;
+    let mut archive = match &opts.archive {
+        Some(a) => Some(Pipeline::start(a, opts.connection.retry).await?),
+        None => None,
+    };
+    let manual_acks = archive.is_some();
     let mut dedupe = DedupeWindow::new(opts.dedupe_window);
     let mut backoff = Backoff::new(opts.connection.backoff);
     let mut report = SubscriberReport::default();
@@ -190,7 +208,13 @@ where
 
     loop {
         let mut established = false;
-        let failure = match Session::start(&opts.connection, opts.clean_session, 16) {
+        let capacity = if manual_acks { 128 } else { 16 };
+        let failure = match Session::start(
+            &opts.connection,
+            opts.clean_session,
+            capacity,
+            manual_acks,
+        ) {
             Err(tls) => {
                 if report.connections == 0 && !opts.connection.retry {
                     return Err(tls.into());
@@ -203,17 +227,37 @@ where
                     tokio::select! {
                         biased;
                         () = &mut shutdown => {
+                            if let Some(a) = archive.as_mut() {
+                                a.drain(connected.then_some(&mut session), &opts.events).await;
+                            }
                             if connected {
                                 session.disconnect(Duration::from_secs(1)).await;
                             }
-                            return Ok(report);
+                            return Ok(finish(report, archive.as_ref()));
                         }
-                        event = session.next() => match event {
+                        commit = next_commit(&mut archive) => {
+                            let Some(a) = archive.as_mut() else { continue };
+                            let Some(commit) = commit else {
+                                return Err(ClientError::Archive("the archive's writer task stopped".into()));
+                            };
+                            let ids = a.on_commit(commit);
+                            a.pump(&session.client);
+                            emit(&opts.events, ClientEvent::Archived { ids });
+                        }
+                        event = session.next() => {
+                            if let Some(a) = archive.as_mut() {
+                                // rumqttc took a request (or something came in): room for more.
+                                a.pump(&session.client);
+                            }
+                            match event {
                             Err(e) => break e,
                             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                                 connected = true;
                                 backoff.reset();
                                 report.connections += 1;
+                                if let Some(a) = archive.as_mut() {
+                                    a.new_connection();
+                                }
                                 info!(
                                     broker = %opts.connection.broker(),
                                     client_id = %opts.connection.client_id,
@@ -249,6 +293,10 @@ where
                             }
                             Ok(Event::Incoming(Packet::Publish(publish))) => {
                                 let payload = Payload::parse(&publish.topic, &publish.payload);
+                                if let Some(a) = archive.as_mut() {
+                                    a.on_publish(&publish, &payload);
+                                    a.pump(&session.client);
+                                }
                                 let duplicate = payload
                                     .article_id()
                                     .is_some_and(|id| !dedupe.insert(id));
@@ -264,9 +312,12 @@ where
                                 });
                             }
                             Ok(_) => {}
-                        },
+                        }},
                     }
                 };
+                if let Some(a) = archive.as_mut() {
+                    a.new_connection();
+                }
                 let reason = describe_connection_error(&outcome, &opts.connection, connected);
                 established = connected;
                 if report.connections == 0 && !opts.connection.retry {
@@ -291,12 +342,44 @@ where
             &opts.events,
             ClientEvent::ConnectionLost { reason: failure },
         );
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return Ok(report),
-            () = tokio::time::sleep(delay) => {}
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    if let Some(a) = archive.as_mut() {
+                        a.drain(None, &opts.events).await;
+                    }
+                    return Ok(finish(report, archive.as_ref()));
+                }
+                () = &mut sleep => break,
+                // Rows still commit while disconnected; their PUBACKs are owed no more.
+                Some(commit) = next_commit(&mut archive) => {
+                    if let Some(a) = archive.as_mut() {
+                        let ids = a.on_commit(commit);
+                        emit(&opts.events, ClientEvent::Archived { ids });
+                    }
+                }
+            }
         }
     }
+}
+
+/// The archive's next commit, or never without an archive.
+async fn next_commit(archive: &mut Option<Pipeline>) -> Option<Commit> {
+    match archive {
+        Some(a) => a.next_commit().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn finish(mut report: SubscriberReport, archive: Option<&Pipeline>) -> SubscriberReport {
+    if let Some(a) = archive {
+        report.archived = a.archived;
+        report.not_archived = a.refused;
+    }
+    report
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The scenarios. Each starts its own broker, runs for a bounded time and returns one
 //! JSON object (printed as one line by `main`).
 
+pub mod archive;
 pub mod connections;
 pub mod durable;
 pub mod flow_args;
