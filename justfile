@@ -51,7 +51,7 @@ image: static
 container-deps:
     bash deploy/container-deps.sh
 
-# The Compose stack under podman, checked end to end (~2 min after `just image`; README, Containers)
+# The Compose stack under podman, checked end to end (under a minute once `just static` is warm; README, Containers)
 container-test: container-deps image
     bash deploy/container-test.sh
 
