@@ -25,6 +25,7 @@ pub use config::{
     OnCorruption, QueueFull, SessionConfig, StorageConfig, TlsConfig,
 };
 pub use operations::endpoint::EndpointError;
+pub use operations::health;
 pub use operations::reload::Reloader;
 pub use security::tls::TlsError;
 pub use security::{acl, pki};

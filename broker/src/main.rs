@@ -10,7 +10,7 @@ use std::process::ExitCode;
 #[command(
     version,
     about = "Secure MQTT broker: mutual TLS on 8883, identity from the client certificate",
-    after_help = "Examples:\n  broker                         run with ./broker.toml\n  broker --config /etc/broker.toml\n  broker certs --san mqtt.example.org --client sensor-1\n  BROKER__LISTENER__BIND=127.0.0.1:18883 broker"
+    after_help = "Examples:\n  broker                         run with ./broker.toml\n  broker --config /etc/broker.toml\n  broker certs --san mqtt.example.org --client sensor-1\n  broker health                  exit 0 if the running broker answers\n  BROKER__LISTENER__BIND=127.0.0.1:18883 broker"
 )]
 struct Cli {
     /// Configuration file; every key can be overridden by BROKER__SECTION__KEY.
@@ -38,6 +38,13 @@ enum Command {
         /// Replace valid existing files too (a new CA re-issues everything).
         #[arg(long)]
         force: bool,
+    },
+    /// Healthcheck: exit 0 when the running broker's metrics endpoint answers with its
+    /// metrics, 1 otherwise (for containers and service managers; needs [metrics] bind).
+    Health {
+        /// Seconds allowed for each step (connect, send, read).
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
     },
     /// Inspect the ACL of the configuration file.
     Acl {
@@ -104,6 +111,7 @@ fn main() -> ExitCode {
                     client_id,
                 },
         }) => acl_check(&cli.config, &identity, action, &topic, &client_id),
+        Some(Command::Health { timeout }) => health(&cli.config, timeout),
         None => run(cli.config),
     };
     match result {
@@ -165,6 +173,15 @@ fn acl_check(
             println!("deny: no rule grants {identity} {action} on \"{topic}\"");
         }
     }
+    Ok(())
+}
+
+fn health(config_path: &std::path::Path, timeout: u64) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let timeout = std::time::Duration::from_secs(timeout.max(1));
+    let addr = broker::health::check(&config.metrics, timeout)
+        .with_context(|| format!("unhealthy (metrics address from {})", config_path.display()))?;
+    println!("healthy: http://{addr}/metrics answered with broker metrics");
     Ok(())
 }
 

@@ -1,9 +1,10 @@
 //! The broker tested through its network edge: real TLS, real sockets, 127.0.0.1:0;
-//! and its source layout (`layout`).
+//! its source layout (`layout`), and the deployment files beside it (`deploy`).
 
 mod acl;
 mod common;
 mod conformance;
+mod deploy;
 mod durability;
 mod interop;
 mod layout;

@@ -209,3 +209,67 @@ fn certs_subcommand_writes_and_keeps() {
     assert_eq!(second.matches("wrote").count(), 1, "{second}");
     assert!(certs.join("sensor-1.crt").is_file());
 }
+
+/// `broker health` as a container healthcheck runs it: the running broker's own config
+/// (metrics on 0.0.0.0, probed on loopback), exit 0; once it has stopped, exit 1 naming
+/// the address.
+#[test]
+fn health_subcommand_follows_the_running_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // A fixed port, found free, so that `health` can read it from the same file.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let health = || {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["health", "--timeout", "2"])
+            .env("BROKER__METRICS__BIND", format!("0.0.0.0:{port}"))
+            .output()
+            .unwrap()
+    };
+    let before = health();
+    assert!(
+        !before.status.success(),
+        "healthy before the broker started"
+    );
+
+    let mut child = Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("BROKER__METRICS__BIND", format!("0.0.0.0:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + WAIT;
+    let up = loop {
+        let out = health();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success() && stdout.contains(&format!("127.0.0.1:{port}")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let down = health();
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(!down.status.success());
+    assert!(
+        stderr.contains("unhealthy") && stderr.contains(&format!("127.0.0.1:{port}/metrics")),
+        "{stderr}"
+    );
+}
