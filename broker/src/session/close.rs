@@ -9,7 +9,7 @@ use crate::security::refusal::Refusal;
 use std::borrow::Cow;
 use std::collections::HashSet;
 use tokio::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -220,9 +220,16 @@ impl Session {
         if will.delay_secs > 0 && self.expiry.is_persistent() {
             let delay = will.delay_secs.min(self.expiry.secs());
             let at = Instant::now() + Duration::from_secs(delay.into());
+            let topic = will.message.topic.clone();
             self.pending_will = Some((at, will));
-            // Due even if the broker restarts meanwhile.
+            // Due even if the broker restarts meanwhile, a crash included.
             self.save();
+            if let Err(e) = self.shared.retained.sync().await {
+                error!(identity = %self.key.identity, client_id = %self.key.client_id,
+                    error = %e, "delayed will not made durable: a crash now would lose it");
+            }
+            info!(identity = %self.key.identity, client_id = %self.key.client_id,
+                topic = %topic, delay_secs = delay, "will delayed: published when its delay ends unless the client returns");
         } else {
             self.publish_will(will).await;
         }
@@ -242,6 +249,9 @@ impl Session {
         } else if flushed.is_err() {
             warn!(identity = %self.key.identity, client_id = %self.key.client_id,
                 topic = %topic, "will not published to shared subscriptions: router unavailable");
+        } else {
+            info!(identity = %self.key.identity, client_id = %self.key.client_id,
+                topic = %topic, "will published");
         }
     }
 

@@ -4,7 +4,7 @@
 //! decodes to None, never to a panic.
 
 use crate::ids::SessionKey;
-use crate::message::Message;
+use crate::message::{Message, PublishProperties};
 use crate::protocol::{decode_properties, encode_properties};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,7 +65,13 @@ pub(crate) struct SavedSubscription {
 }
 
 pub(super) fn encode(message: &Message, stored_at: SystemTime) -> Bytes {
-    let props = message.properties.as_ref().map(encode_properties);
+    // Empty properties (a will's, say) are written as none: they would read back as
+    // none, and "some, but unreadable" means a damaged record.
+    let props = message
+        .properties
+        .as_ref()
+        .filter(|p| **p != PublishProperties::default())
+        .map(encode_properties);
     let props_len = props.as_ref().map_or(0, |p| p.len());
     let mut buf = BytesMut::with_capacity(14 + props_len + message.payload.len());
     buf.put_u8(RECORD_VERSION);
@@ -423,6 +429,18 @@ pub(super) mod tests {
         };
         assert_eq!(session_key(&key_of(&id)), Some(id));
         assert_eq!(decode_session(Bytes::from_static(b"\x01\x00")), None);
+    }
+
+    #[test]
+    fn a_will_with_empty_properties_reads_back() {
+        // An MQTT 5 will whose properties are only the will's own (delay).
+        let will = Message {
+            properties: Some(PublishProperties::default()),
+            ..message("clientes/s/estado", b"offline")
+        };
+        let read = decode(will.topic.as_bytes(), encode(&will, SystemTime::now())).unwrap();
+        assert_eq!(read.message.payload, will.payload);
+        assert_eq!(read.message.properties, None);
     }
 
     #[test]

@@ -469,3 +469,56 @@ async fn a_full_disk_acknowledges_nothing_and_names_the_store() {
     broker.kill9();
     drop(disk);
 }
+
+#[tokio::test]
+async fn a_delayed_will_survives_sigkill_and_goes_out_when_due() {
+    const WILL: &str = "articulos/testamento/futbol";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    // A persistent watcher, away: the will is queued for it whenever it goes out.
+    let (mut watcher, _) = persistent(&broker, dir.path(), "subscriber", "will-watcher").await;
+    watcher.subscribe(WILL, QoS::AtLeastOnce).await;
+    watcher.send(Packet::Disconnect).await;
+    let mut gone = V5Client::over(broker.tls(dir.path(), "publisher").await);
+    let connect = m5::Connect {
+        keep_alive: 30,
+        client_id: "testador".into(),
+        clean_start: true,
+        properties: Some(m5::ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..Default::default()
+        }),
+    };
+    let mut will = m5::LastWill::new(WILL, "adiós", Q5::AtLeastOnce, false, None);
+    will.properties = Some(m5::LastWillProperties {
+        delay_interval: Some(3),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    });
+    gone.send(m5::Packet::Connect(connect, Some(will), None))
+        .await;
+    assert!(matches!(gone.recv().await, m5::Packet::ConnAck(_)));
+    // The connection drops without DISCONNECT: the will is scheduled, and durable.
+    drop(gone);
+    broker.wait_for_line(&["will delayed", "client_id=testador"]);
+    let killed_at = std::time::Instant::now();
+    broker.kill9();
+
+    let broker = start(dir.path());
+    broker.wait_for_line(&["will published", "client_id=testador"]);
+    let (mut watcher, _) = persistent(&broker, dir.path(), "subscriber", "will-watcher").await;
+    let p = watcher.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        (WILL, "adiós".as_bytes())
+    );
+    assert!(
+        killed_at.elapsed() >= std::time::Duration::from_secs(2),
+        "the will waited for its delay"
+    );
+    broker.stop();
+}
