@@ -92,6 +92,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(n > 0)
     }
 
+    /// Waits up to `wait` for more bytes (none coming is fine); an error names why the
+    /// stream is over: closed by the broker, or failed.
+    pub async fn fill_within(&mut self, wait: Duration) -> Result<(), String> {
+        match tokio::time::timeout(wait, self.fill()).await {
+            Ok(Ok(true)) | Err(_) => Ok(()),
+            Ok(Ok(false)) => Err("the broker closed the connection".into()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+        }
+    }
+
     /// The next packet; `None` when the broker closed the connection.
     pub async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
         loop {

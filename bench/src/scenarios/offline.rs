@@ -181,16 +181,9 @@ async fn drain(
             d.error = Some(format!("still draining after {limit:?}"));
             break;
         }
-        match tokio::time::timeout(Duration::from_millis(100), reader.fill()).await {
-            Ok(Ok(true)) | Err(_) => {}
-            Ok(Ok(false)) => {
-                d.error = Some("the broker closed the connection".into());
-                break;
-            }
-            Ok(Err(e)) => {
-                d.error = Some(format!("{e:#}"));
-                break;
-            }
+        if let Err(e) = reader.fill_within(Duration::from_millis(100)).await {
+            d.error = Some(e);
+            break;
         }
     }
     d.distinct = seen.len() as u64;

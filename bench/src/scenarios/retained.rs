@@ -164,16 +164,9 @@ pub async fn receive_retained(
             r.error = Some(format!("retained messages still arriving after {limit:?}"));
             break;
         }
-        match tokio::time::timeout(Duration::from_millis(100), reader.fill()).await {
-            Ok(Ok(true)) | Err(_) => {}
-            Ok(Ok(false)) => {
-                r.error = Some("the broker closed the connection".into());
-                break;
-            }
-            Ok(Err(e)) => {
-                r.error = Some(format!("{e:#}"));
-                break;
-            }
+        if let Err(e) = reader.fill_within(Duration::from_millis(100)).await {
+            r.error = Some(e);
+            break;
         }
     }
     r.distinct = topics.len();

@@ -405,6 +405,21 @@ impl TestClient {
 pub use rumqttc::v5::mqttbytes::v5 as m5;
 pub use rumqttc::v5::mqttbytes::QoS as Q5;
 
+/// An MQTT 5 QoS 1 will on `topic` published `delay_secs` after the connection is lost.
+pub fn delayed_will(topic: &str, payload: &str, delay_secs: u32) -> m5::LastWill {
+    let mut will = m5::LastWill::new(topic, payload.to_string(), Q5::AtLeastOnce, false, None);
+    will.properties = Some(m5::LastWillProperties {
+        delay_interval: Some(delay_secs),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    });
+    will
+}
+
 pub struct V5Client {
     stream: TlsStream<TcpStream>,
     buf: BytesMut,

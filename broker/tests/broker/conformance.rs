@@ -465,16 +465,7 @@ async fn mqtt5_3_1_3_2_2_will_delay_is_ended_early_by_session_end_and_cancelled_
     let with_will = |topic: &'static str, expiry: u32| {
         move |c: &mut m5::Connect, w: &mut Option<m5::LastWill>| {
             c.properties = props(|p| p.session_expiry_interval = Some(expiry));
-            let mut will = m5::LastWill::new(topic, "bye", Q5::AtLeastOnce, false, None);
-            will.properties = Some(m5::LastWillProperties {
-                delay_interval: Some(60),
-                payload_format_indicator: None,
-                message_expiry_interval: None,
-                content_type: None,
-                response_topic: None,
-                correlation_data: None,
-                user_properties: Vec::new(),
-            });
+            let will = delayed_will(topic, "bye", 60);
             *w = Some(will);
         }
     };

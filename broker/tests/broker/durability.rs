@@ -489,16 +489,7 @@ async fn a_delayed_will_survives_sigkill_and_goes_out_when_due() {
             ..Default::default()
         }),
     };
-    let mut will = m5::LastWill::new(WILL, "adiós", Q5::AtLeastOnce, false, None);
-    will.properties = Some(m5::LastWillProperties {
-        delay_interval: Some(3),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    });
+    let will = delayed_will(WILL, "adiós", 3);
     gone.send(m5::Packet::Connect(connect, Some(will), None))
         .await;
     assert!(matches!(gone.recv().await, m5::Packet::ConnAck(_)));
