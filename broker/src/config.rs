@@ -254,7 +254,7 @@ impl Default for StorageConfig {
         Self {
             data_dir: "data".into(),
             on_corruption: OnCorruption::Quarantine,
-            cache_mb: 64,
+            cache_mb: 16,
         }
     }
 }
