@@ -217,6 +217,16 @@ async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Opened,
             (key, record, queue)
         })
         .collect();
+    // Queues left without a session: it stopped being persistent before a crash, or
+    // its record was unreadable. Nobody will ever ask for them.
+    let mut orphaned = 0;
+    for (store_id, queue) in &queues {
+        orphaned += store.drop_orphan(*store_id, queue)?;
+    }
+    if orphaned > 0 {
+        warn!(store = %store.path().display(), sessions = queues.len(), messages = orphaned,
+            "queues of sessions no longer saved deleted");
+    }
     let queued: usize = sessions.iter().map(|(_, _, q)| q.owed.len()).sum();
     info!(
         messages = retained.len(),

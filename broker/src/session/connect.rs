@@ -99,9 +99,25 @@ impl Session {
     pub(super) fn reset(&mut self) {
         self.unplace_all();
         self.drop_stored_queue();
-        // Messages matched for the old subscriptions go with the old inbox.
+        // Messages matched for the old subscriptions go with the old inbox; those the
+        // store holds for this session are released. Closed first: a publisher still
+        // waiting for room in it counts this session as ended.
+        self.inbox.close();
+        while let Ok(handed) = self.inbox.try_recv() {
+            if handed.seq.is_some() {
+                self.release(handed.delivery.envelope.id);
+            }
+        }
+        // Sequence numbers go on from the old queue's: any record of it a crash leaves
+        // behind is below the new mark, never taken for the new queue's.
+        let next_seq = self.outbox.peek_seq().max(self.outgoing.next_seq());
         (self.outbox, self.inbox) = fanout::inbox(self.shared.config.session.inbox);
+        self.outbox.set_next_seq(next_seq);
         self.outgoing.clear();
+        self.outgoing.skip(next_seq.checked_sub(1));
+        self.completed.clear();
+        // The old mark is deleted: the next one is written, whatever it says.
+        self.mark.low = u64::MAX;
         self.qos2_in.clear();
     }
 }

@@ -9,6 +9,7 @@ use super::Session;
 use crate::message::{now_micros, Envelope, Message};
 use crate::protocol::{Outbound, TooLargeForClient};
 use crate::routing::fanout::Handed;
+use crate::store::Sent;
 use bytes::Bytes;
 use std::collections::{HashSet, VecDeque};
 use std::time::SystemTime;
@@ -240,7 +241,13 @@ impl Session {
         if stored && qos == 2 {
             // Exactly once: its packet id is on disk before the client can see it, so
             // that a restart resends it under the same one.
-            self.record_qos2_out(id, Some((pkid, false)));
+            self.record_qos2_out(
+                id,
+                Some(Sent::InFlight {
+                    pkid,
+                    released: false,
+                }),
+            );
             self.needs_sync = true;
         }
     }

@@ -8,6 +8,7 @@ use super::Session;
 use crate::message::Message;
 use crate::protocol::{reason, Inbound, Outbound, ReadError, SessionExpiry, Version};
 use crate::security::acl::Action;
+use crate::store::Sent;
 use mqtt_common::topic;
 use tokio::time::Instant;
 
@@ -178,9 +179,9 @@ impl Session {
     /// PUBACK or PUBCOMP: delivered; the window has room for the next.
     fn on_delivered(&mut self, pkid: u16) {
         if let Some(owed) = self.outgoing.acknowledged(pkid) {
-            if owed.stored() {
+            if let Some(seq) = owed.seq {
                 if owed.message.qos == 2 {
-                    self.record_qos2_out(owed.id, None);
+                    self.qos2_completed(seq, owed.id);
                 }
                 self.release(owed.id);
             }
@@ -192,7 +193,13 @@ impl Session {
     fn on_pubrec(&mut self, pkid: u16) {
         if let Some((id, true)) = self.outgoing.received(pkid) {
             // The PUBREL resumes after a restart, rather than the PUBLISH again.
-            self.record_qos2_out(id, Some((pkid, true)));
+            self.record_qos2_out(
+                id,
+                Some(Sent::InFlight {
+                    pkid,
+                    released: true,
+                }),
+            );
             self.needs_sync = true;
         }
         let _ = self.send(Outbound::PubRel { pkid });

@@ -96,6 +96,9 @@ pub(crate) struct Session {
     store_id: u64,
     /// The queue's mark as last written to the store.
     mark: Mark,
+    /// Stored QoS 2 messages completed (PUBCOMP) that the mark is not yet past:
+    /// (sequence number, message id). Their `Sent::Completed` records go once it is.
+    completed: Vec<(u64, u64)>,
     /// A store write failed in this batch: its acknowledgements must not go out.
     store_broken: bool,
     /// Since when a connected client's queue has been full (slow consumer).
@@ -158,6 +161,7 @@ impl Session {
             outgoing: Outgoing::new(limits),
             store_id: 0,
             mark: Mark::default(),
+            completed: Vec::new(),
             store_broken: false,
             qos2_routed: Vec::new(),
             full_since: None,

@@ -37,9 +37,16 @@ pub(crate) struct Outgoing {
     /// Stored messages waiting on disk, in sequence order: all newer than those in
     /// `queue`. Their messages are read when memory has room.
     on_disk: VecDeque<Spilled>,
+    /// How many were ever put at the back of `on_disk`: `on_disk`'s front is number
+    /// `disk_pushed - on_disk.len()`.
+    disk_pushed: u64,
+    /// Messages not stored that arrived while stored ones waited on disk (the session
+    /// stopped being persistent), in memory, each with the number of `on_disk`
+    /// messages that go before it: order holds.
+    behind_disk: VecDeque<(u64, Queued)>,
     /// Their topic and payload bytes.
     on_disk_bytes: u64,
-    /// Topic and payload bytes of `queue`.
+    /// Topic and payload bytes of the messages waiting in memory.
     bytes: u64,
     /// Sequence numbers of the stored messages in `queue` or in flight.
     held: BTreeSet<u64>,
@@ -143,6 +150,8 @@ impl Outgoing {
             inflight: HashMap::new(),
             queue: VecDeque::new(),
             on_disk: VecDeque::new(),
+            disk_pushed: 0,
+            behind_disk: VecDeque::new(),
             on_disk_bytes: 0,
             bytes: 0,
             held: BTreeSet::new(),
@@ -186,7 +195,7 @@ impl Outgoing {
     /// Whether a message offered now would be written at once (nothing queued ahead of
     /// it, room in the window).
     pub(crate) fn sends_now(&self) -> bool {
-        self.queue.is_empty() && self.on_disk.is_empty() && self.inflight.len() < self.window
+        self.queue.is_empty() && !self.waits_on_disk() && self.inflight.len() < self.window
     }
 
     /// Whether the queue is at `max_queued` or `max_queued_bytes`.
@@ -220,19 +229,27 @@ impl Outgoing {
                 },
             }
         }
-        let spill = !self.on_disk.is_empty() || self.queue.len() >= self.limits.in_memory;
-        let admission = if let (Some(seq), true) = (owed.seq, spill) {
-            self.on_disk_bytes += owed.size();
-            self.on_disk.push_back(Spilled {
-                seq,
-                id: owed.id,
-                size: owed.size(),
-            });
-            Admission::OnDisk
-        } else {
-            self.hold(&owed);
-            self.queue.push_back(Queued { owed, since: now });
-            Admission::Queued
+        let behind_disk = self.waits_on_disk();
+        let admission = match owed.seq {
+            Some(seq) if behind_disk || self.queue.len() >= self.limits.in_memory => {
+                self.on_disk_bytes += owed.size();
+                self.push_on_disk(Spilled {
+                    seq,
+                    id: owed.id,
+                    size: owed.size(),
+                });
+                Admission::OnDisk
+            }
+            _ => {
+                self.hold(&owed);
+                let queued = Queued { owed, since: now };
+                if behind_disk {
+                    self.behind_disk.push_back((self.disk_pushed, queued));
+                } else {
+                    self.queue.push_back(queued);
+                }
+                Admission::Queued
+            }
         };
         match dropped {
             Some(oldest) => Admission::Dropped(oldest),
@@ -244,10 +261,29 @@ impl Outgoing {
     /// half its share and more waits on disk. Each comes back through `loaded`, or
     /// `unloaded` when its message could not be read yet.
     pub(crate) fn take_to_load(&mut self) -> Vec<Spilled> {
-        if self.on_disk.is_empty() || self.queue.len() >= self.limits.in_memory.div_ceil(2) {
+        if !self.waits_on_disk() || self.queue.len() >= self.limits.in_memory.div_ceil(2) {
             return Vec::new();
         }
-        let n = (self.limits.in_memory - self.queue.len()).min(self.on_disk.len());
+        let front = self.disk_pushed - self.on_disk.len() as u64;
+        // Those kept in memory whose turn it is join the queue, in their place.
+        while self
+            .behind_disk
+            .front()
+            .is_some_and(|(after, _)| *after <= front)
+        {
+            if let Some((_, queued)) = self.behind_disk.pop_front() {
+                self.queue.push_back(queued);
+            }
+        }
+        // Then the stored ones before the next of those.
+        let until = self
+            .behind_disk
+            .front()
+            .map_or(u64::MAX, |(after, _)| *after);
+        let room = self.limits.in_memory.saturating_sub(self.queue.len());
+        let n = room
+            .min(self.on_disk.len())
+            .min(usize::try_from(until - front).unwrap_or(usize::MAX));
         let taken: Vec<Spilled> = self.on_disk.drain(..n).collect();
         for s in &taken {
             self.on_disk_bytes = self.on_disk_bytes.saturating_sub(s.size);
@@ -284,7 +320,7 @@ impl Outgoing {
             if !in_flight.contains(&s.seq) {
                 self.on_disk_bytes += s.size;
                 self.next_seq = self.next_seq.max(s.seq + 1);
-                self.on_disk.push_back(s);
+                self.push_on_disk(s);
             }
         }
         self.next_seq = self.next_seq.max(next_seq);
@@ -396,6 +432,7 @@ impl Outgoing {
         owed.extend(
             self.queue
                 .iter()
+                .chain(self.behind_disk.iter().map(|(_, q)| q))
                 .filter(|q| !q.owed.stored())
                 .filter_map(|q| {
                     let message = q.owed.message.clone().unexpired(q.since, now)?;
@@ -416,6 +453,7 @@ impl Outgoing {
         self.held.clear();
         self.expired.clear();
         self.on_disk.clear();
+        self.behind_disk.clear();
         self.on_disk_bytes = 0;
         self.bytes = 0;
     }
@@ -423,7 +461,7 @@ impl Outgoing {
     /// Every stored message the engine knows of, in memory, in flight or on disk: what
     /// a session that ends releases. Empties the engine.
     pub(crate) fn take_stored(&mut self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.on_disk.drain(..).map(|s| s.id).collect();
+        let mut ids: Vec<u64> = self.on_disk.iter().map(|s| s.id).collect();
         ids.extend(
             self.queue
                 .iter()
@@ -442,7 +480,17 @@ impl Outgoing {
 
     /// Messages queued, in memory and on disk (not those in flight).
     pub(crate) fn queued(&self) -> usize {
-        self.queue.len() + self.on_disk.len()
+        self.queue.len() + self.on_disk.len() + self.behind_disk.len()
+    }
+
+    /// Whether messages wait behind those in memory (on disk, or behind those).
+    fn waits_on_disk(&self) -> bool {
+        !self.on_disk.is_empty() || !self.behind_disk.is_empty()
+    }
+
+    fn push_on_disk(&mut self, spilled: Spilled) {
+        self.on_disk.push_back(spilled);
+        self.disk_pushed += 1;
     }
 
     fn hold(&mut self, owed: &Owed) {

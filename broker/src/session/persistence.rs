@@ -96,12 +96,14 @@ impl Session {
                 // knows the session by its mark.
                 self.mark.low = u64::MAX;
             }
+            // Mark and record before any publisher stores for it.
             self.write_mark(None);
+            self.save();
             self.outbox.set_store_id(self.store_id);
         } else {
             self.outbox.set_store_id(0);
+            self.save();
         }
-        self.save();
     }
 
     /// Saves a persistent session's record, or removes a session that is no longer

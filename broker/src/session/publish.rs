@@ -67,8 +67,9 @@ impl Session {
                 mut ended_stored,
                 mut recipients,
             } = self.shared.fanout.hand_over(&delivery, |n| {
-                // Its recipients, and this session until the record is written.
-                store.hold(id, n + 1);
+                // Its recipients, and this session until the record is written; they
+                // read it staged until then.
+                store.stage(id, n + 1, queued_message(&delivery, Vec::new()));
                 held = true;
             });
             for _ in 0..ended {
@@ -91,20 +92,10 @@ impl Session {
             for _ in 0..ended_stored {
                 self.release(id);
             }
-            if !recipients.is_empty() {
-                let queued = QueuedMessage {
-                    message: Message {
-                        topic: delivery.topic.clone(),
-                        payload: delivery.payload.clone(),
-                        qos: delivery.envelope.qos,
-                        retain: delivery.envelope.retain,
-                        properties: delivery.envelope.properties.clone(),
-                    },
-                    origin: delivery.envelope.origin,
-                    received_at: delivery.envelope.received_at,
-                    recipients,
-                };
-                match store.put_queued(id, &queued) {
+            if recipients.is_empty() {
+                store.unstage(id);
+            } else {
+                match store.put_queued(id, &queued_message(&delivery, recipients)) {
                     Ok(()) => self.needs_sync = true,
                     Err(e) => {
                         error!(client_id = %self.key.client_id, topic = %delivery.topic,
@@ -149,5 +140,21 @@ impl Session {
                 Some(incoming) = self.inbox.recv() => self.accept(incoming),
             }
         }
+    }
+}
+
+/// `delivery` as the store queues it for `recipients`.
+fn queued_message(delivery: &Delivery, recipients: Vec<(u64, u64)>) -> QueuedMessage {
+    QueuedMessage {
+        message: Message {
+            topic: delivery.topic.clone(),
+            payload: delivery.payload.clone(),
+            qos: delivery.envelope.qos,
+            retain: delivery.envelope.retain,
+            properties: delivery.envelope.properties.clone(),
+        },
+        origin: delivery.envelope.origin,
+        received_at: delivery.envelope.received_at,
+        recipients,
     }
 }

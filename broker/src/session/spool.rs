@@ -7,7 +7,8 @@
 use super::outgoing::{Owed, WasInflight};
 use super::Session;
 use crate::message::{now_micros, Envelope, Message};
-use crate::store::{Mark, QueueState, QueuedMessage, Spilled, StoreError};
+use crate::store::{Mark, QueueState, QueuedMessage, Sent, Spilled, StoreError};
+use std::collections::HashMap;
 use std::time::SystemTime;
 use tracing::{error, warn};
 
@@ -29,12 +30,18 @@ impl Session {
         }
     }
 
-    /// A stored QoS 2 message in flight: its packet id and whether PUBREC came back;
-    /// `None` once PUBCOMP completed it.
-    pub(super) fn record_qos2_out(&mut self, id: u64, state: Option<(u16, bool)>) {
+    /// What this session sends of stored QoS 2 message `id`; `None` forgets it.
+    pub(super) fn record_qos2_out(&mut self, id: u64, state: Option<Sent>) {
         if let Err(e) = self.shared.store.sent(self.store_id, id, state) {
             self.store_failed(&e);
         }
+    }
+
+    /// PUBCOMP for stored QoS 2 message `id` (sequence number `seq`): until the mark
+    /// is past it, a restart would find it owed, so the store says it is complete.
+    pub(super) fn qos2_completed(&mut self, seq: u64, id: u64) {
+        self.record_qos2_out(id, Some(Sent::Completed));
+        self.completed.push((seq, id));
     }
 
     /// An inbound QoS 2 message was routed: recorded once the batch's messages are
@@ -65,6 +72,9 @@ impl Session {
         if let Err(e) = self.shared.store.qos2(self.store_id, pkid, false) {
             self.store_failed(&e);
         }
+        // Durable before the PUBCOMP, which frees the packet id for a new message: a
+        // restart must not take that one for a repeat and drop it.
+        self.needs_sync = true;
     }
 
     /// Writes how far the queue has come, when that changed (not waited for: after a
@@ -84,12 +94,24 @@ impl Session {
             mark.low = mark.low.min(first);
             mark.next = mark.next.max(self.outbox.peek_seq());
         }
-        if mark == self.mark {
+        if mark != self.mark {
+            match self.shared.store.mark(self.store_id, mark) {
+                Ok(()) => self.mark = mark,
+                Err(e) => return self.store_failed(&e),
+            }
+        }
+        if self.completed.is_empty() {
             return;
         }
-        match self.shared.store.mark(self.store_id, mark) {
-            Ok(()) => self.mark = mark,
-            Err(e) => self.store_failed(&e),
+        // Forgotten after the mark was written: whatever a crash keeps of the two, a
+        // completed message is never owed again.
+        let low = self.mark.low;
+        let (past, waiting) = std::mem::take(&mut self.completed)
+            .into_iter()
+            .partition(|(seq, _)| *seq < low);
+        self.completed = waiting;
+        for (_, id) in past {
+            self.record_qos2_out(id, None);
         }
     }
 
@@ -108,12 +130,11 @@ impl Session {
                         Some(owed) => self.outgoing.loaded(owed, now),
                         None => self.release(spilled.id),
                     },
-                    // Handed over before its publisher wrote the record: soon there.
+                    // Neither staged by its publisher nor written: its publisher could
+                    // not store it, and did not acknowledge it. Nothing to deliver.
                     Ok(None) => {
-                        let mut back = vec![spilled];
-                        back.extend(rest);
-                        self.outgoing.unloaded(back);
-                        return;
+                        warn!(identity = %self.key.identity, client_id = %self.key.client_id,
+                            message = spilled.id, "queued message missing from the store: skipped");
                     }
                     Err(e) => {
                         self.store_failed(&e);
@@ -152,37 +173,55 @@ impl Session {
         })
     }
 
-    /// After a restart: QoS 2 messages in flight come back as they were, the rest
-    /// waits on disk.
-    pub(super) fn take_up_queue(&mut self, state: QueueState) {
+    /// After a restart: QoS 2 messages in flight come back as they were, those
+    /// completed or expired in flight are finished with, the rest waits on disk.
+    pub(super) fn take_up_queue(&mut self, mut state: QueueState) {
         self.mark = state.mark;
-        let mut inflight = Vec::new();
         let next = restart_seq(&state);
-        for (id, pkid, released) in state.sent {
-            let Some(spilled) = state.owed.iter().find(|s| s.id == id).copied() else {
+        let mut sent: HashMap<u64, Sent> = std::mem::take(&mut state.sent).into_iter().collect();
+        let mut inflight = Vec::new();
+        let mut waiting = Vec::with_capacity(state.owed.len());
+        for spilled in std::mem::take(&mut state.owed) {
+            let Some(was) = sent.remove(&spilled.id) else {
+                waiting.push(spilled);
                 continue;
             };
-            let queued = match self.shared.store.queued_message(id) {
-                Ok(Some(queued)) => queued,
-                Ok(None) => continue,
+            let Sent::InFlight { pkid, released } = was else {
+                self.finished_in_flight(spilled);
+                continue;
+            };
+            match self.shared.store.queued_message(spilled.id) {
+                Ok(Some(queued)) => match self.owed_from_store(spilled, queued) {
+                    Some(owed) => inflight.push(WasInflight {
+                        pkid,
+                        released,
+                        owed,
+                    }),
+                    // Expired in flight, or no subscription matches any more.
+                    None => self.finished_in_flight(spilled),
+                },
+                Ok(None) => self.finished_in_flight(spilled),
                 Err(e) => {
                     self.store_failed(&e);
-                    continue;
+                    waiting.push(spilled);
                 }
-            };
-            match self.owed_from_store(spilled, queued) {
-                Some(owed) => inflight.push(WasInflight {
-                    pkid,
-                    released,
-                    owed,
-                }),
-                None => self.release(id),
             }
+        }
+        // The mark is past these, or their messages are gone: nothing owed.
+        for id in sent.into_keys() {
+            self.record_qos2_out(id, None);
         }
         inflight.sort_unstable_by_key(|w| w.owed.seq);
         self.outgoing
-            .restore(state.owed, inflight, next, state.mark.sent_below);
+            .restore(waiting, inflight, next, state.mark.sent_below);
         self.qos2_in.extend(state.qos2);
+    }
+
+    /// A QoS 2 message found in flight at a restart that is not sent again: released,
+    /// and recorded as complete until the mark is past it.
+    fn finished_in_flight(&mut self, spilled: Spilled) {
+        self.release(spilled.id);
+        self.qos2_completed(spilled.seq, spilled.id);
     }
 
     /// Stores what the engine holds in memory only (retained messages on subscribe,

@@ -7,7 +7,9 @@ mod queues;
 mod records;
 
 pub(crate) use queues::{Mark, QueueState, Spilled};
-pub(crate) use records::{QueuedMessage, SavedSubscription, SavedWill, SessionRecord, Stored};
+pub(crate) use records::{
+    QueuedMessage, SavedSubscription, SavedWill, Sent, SessionRecord, Stored,
+};
 
 use crate::config::OnCorruption;
 use crate::ids::SessionKey;
@@ -201,8 +203,14 @@ impl Store {
 
     /// Message `id` is about to go to `holders` holders: its recipients, and its
     /// publisher until it has written the record (`put_queued`, then `release`).
-    pub(crate) fn hold(&self, id: u64, holders: u32) {
-        self.queues.hold(id, holders);
+    /// Until then recipients read `message` (without recipients) from memory.
+    pub(crate) fn stage(&self, id: u64, holders: u32, message: QueuedMessage) {
+        self.queues.stage(id, holders, message);
+    }
+
+    /// Message `id` will not be written: no recipient took it, or writing failed.
+    pub(crate) fn unstage(&self, id: u64) {
+        self.queues.unstage(id);
     }
 
     /// Writes message `id` with its recipients (durable with the next `sync`).
@@ -232,13 +240,13 @@ impl Store {
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// A QoS 2 message in flight to a session: its packet id and whether PUBREC came
-    /// back; `None` once complete.
+    /// What a session sends of stored QoS 2 message `id`; `None` forgets it (the
+    /// session's mark is past it).
     pub(crate) fn sent(
         &self,
         store_id: u64,
         id: u64,
-        state: Option<(u16, bool)>,
+        state: Option<Sent>,
     ) -> Result<(), StoreError> {
         self.queues
             .sent(store_id, id, state)
@@ -249,6 +257,18 @@ impl Store {
     pub(crate) fn qos2(&self, store_id: u64, pkid: u16, received: bool) -> Result<(), StoreError> {
         self.queues
             .qos2(store_id, pkid, received)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Deletes the queue of a session that has no record any more, releasing its
+    /// messages; returns how many it held.
+    pub(crate) fn drop_orphan(
+        &self,
+        store_id: u64,
+        queue: &QueueState,
+    ) -> Result<usize, StoreError> {
+        self.queues
+            .drop_orphan(store_id, queue)
             .map_err(|e| self.write_error(e.to_string()))
     }
 

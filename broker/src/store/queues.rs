@@ -8,17 +8,24 @@
 //!   (delivered, expired or dropped), written lazily: after a crash a session gets
 //!   again what it finished after its last mark (QoS 1 may repeat, never go missing);
 //! - `sent`: QoS 2 messages in flight to a session (packet id, PUBREC received), so
-//!   that a restart resends them under the same packet id: exactly once;
+//!   that a restart resends them under the same packet id, and those completed that
+//!   the session's mark is not yet past, so that a restart does not send them again:
+//!   exactly once;
 //! - `qos2`: inbound QoS 2 packet ids a session has routed and not yet released.
 //!
 //! A message leaves the store when its last recipient releases it: a count in memory
 //! (only for messages with two or more recipients left), rebuilt from the records at
 //! start. Writes are not durable by themselves: a session that depends on them waits
 //! for the store's group commit (`Store::sync`).
+//!
+//! A publisher hands a message to its recipients before it writes the record (the
+//! record lists the sequence numbers they gave it); until then the message is
+//! *staged* here in memory, so that a recipient reading it from the store at once
+//! finds it. A message that is neither staged nor written is gone for good.
 
 use super::records::{
     decode_queued, decode_recipients, decode_sent, encode_queued, encode_sent, entry_key,
-    split_entry_key, QueuedMessage,
+    split_entry_key, QueuedMessage, Sent,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -70,8 +77,8 @@ pub(crate) struct QueueState {
     pub(crate) mark: Mark,
     /// Messages still owed, in sequence order.
     pub(crate) owed: Vec<Spilled>,
-    /// QoS 2 messages in flight: message id, packet id, PUBREC received.
-    pub(crate) sent: Vec<(u64, u16, bool)>,
+    /// Stored QoS 2 messages in flight or completed, by message id.
+    pub(crate) sent: Vec<(u64, Sent)>,
     /// Inbound QoS 2 packet ids awaiting PUBREL.
     pub(crate) qos2: Vec<u16>,
 }
@@ -82,9 +89,17 @@ pub(super) struct Queues {
     marks: sled::Tree,
     sent: sled::Tree,
     qos2: sled::Tree,
+    held: Mutex<Held>,
+}
+
+/// What the queues keep in memory; see the module notes.
+#[derive(Default)]
+struct Held {
     /// Message id -> holders left, for messages with two or more; a message not here
     /// has one holder, whose release deletes it.
-    holders: Mutex<HashMap<u64, u32>>,
+    holders: HashMap<u64, u32>,
+    /// Messages handed to their recipients and not yet written, by id.
+    staged: HashMap<u64, QueuedMessage>,
 }
 
 /// What opening the queues found.
@@ -104,7 +119,7 @@ impl Queues {
             marks: db.open_tree("marks")?,
             sent: db.open_tree("sent")?,
             qos2: db.open_tree("qos2")?,
-            holders: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
         };
         let mut found = Found {
             queues: HashMap::new(),
@@ -123,7 +138,7 @@ impl Queues {
         }
         let mut dead = Vec::new();
         {
-            let mut holders = queues.lock();
+            let mut held = queues.lock();
             for item in queues.messages.iter() {
                 let (key, value) = item?;
                 let (Ok(id), Some((recipients, size))) = (
@@ -147,7 +162,7 @@ impl Queues {
                     0 => dead.push(key),
                     1 => {}
                     n => {
-                        holders.insert(id, n);
+                        held.holders.insert(id, n);
                     }
                 }
             }
@@ -162,12 +177,12 @@ impl Queues {
         for item in queues.sent.iter() {
             let (key, value) = item?;
             match (split_entry_key(&key), decode_sent(&value)) {
-                (Some((store_id, id)), Some((pkid, released))) => found
+                (Some((store_id, id)), Some(sent)) => found
                     .queues
                     .entry(store_id)
                     .or_default()
                     .sent
-                    .push((id, pkid, released)),
+                    .push((id, sent)),
                 _ => found.unreadable += 1,
             }
         }
@@ -186,28 +201,44 @@ impl Queues {
         Ok((queues, found))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // A panic while holding the lock leaves consistent counts behind.
-        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Message `id` is about to go to `holders` holders (its recipients, and its
-    /// publisher until the record is written).
-    pub(super) fn hold(&self, id: u64, holders: u32) {
+    /// publisher until the record is written): staged until `put` or `unstage`.
+    pub(super) fn stage(&self, id: u64, holders: u32, message: QueuedMessage) {
+        let mut held = self.lock();
         if holders > 1 {
-            self.lock().insert(id, holders);
+            held.holders.insert(id, holders);
         }
+        held.staged.insert(id, message);
     }
 
-    /// Writes message `id` with its recipients.
+    /// Message `id` will not be written after all (no recipient took it, or writing
+    /// failed).
+    pub(super) fn unstage(&self, id: u64) {
+        self.lock().staged.remove(&id);
+    }
+
+    /// Writes message `id` with its recipients; it is no longer staged.
     pub(super) fn put(&self, id: u64, queued: &QueuedMessage) -> sled::Result<()> {
-        self.messages
+        let written = self
+            .messages
             .insert(id.to_be_bytes(), encode_queued(queued).to_vec())
-            .map(|_| ())
+            .map(|_| ());
+        // After the insert: a reader that misses it staged finds it written.
+        self.unstage(id);
+        written
     }
 
-    /// Message `id`, if the store holds it (and can read it).
+    /// Message `id`, if it is staged or the store holds it (and can read it).
     pub(super) fn message(&self, id: u64) -> sled::Result<Option<QueuedMessage>> {
+        // Staged first: unstaged only once written, so one of the two has it.
+        if let Some(staged) = self.lock().staged.get(&id) {
+            return Ok(Some(staged.clone()));
+        }
         Ok(self
             .messages
             .get(id.to_be_bytes())?
@@ -217,7 +248,7 @@ impl Queues {
     /// One holder of message `id` is done with it; the last one deletes it.
     pub(super) fn release(&self, id: u64) -> sled::Result<()> {
         let last = {
-            let mut holders = self.lock();
+            let holders = &mut self.lock().holders;
             match holders.get_mut(&id) {
                 Some(n) => {
                     *n -= 1;
@@ -241,17 +272,12 @@ impl Queues {
             .map(|_| ())
     }
 
-    /// A QoS 2 message in flight to a session (`released`: PUBREC came back), or,
-    /// with `None`, completed.
-    pub(super) fn sent(
-        &self,
-        store_id: u64,
-        id: u64,
-        state: Option<(u16, bool)>,
-    ) -> sled::Result<()> {
+    /// What a session sends of stored QoS 2 message `id`; `None` forgets it (the
+    /// session's mark is past it).
+    pub(super) fn sent(&self, store_id: u64, id: u64, state: Option<Sent>) -> sled::Result<()> {
         let key = entry_key(store_id, id);
         match state {
-            Some((pkid, released)) => self.sent.insert(key, &encode_sent(pkid, released)),
+            Some(sent) => self.sent.insert(key, &encode_sent(sent)),
             None => self.sent.remove(key),
         }
         .map(|_| ())
@@ -264,6 +290,17 @@ impl Queues {
         } else {
             self.qos2.remove(key).map(|_| ())
         }
+    }
+
+    /// The queue of a session the store no longer has a record of (it stopped being
+    /// persistent, or its record was unreadable), as opening found it: its messages
+    /// released, its records deleted. Returns how many messages it held.
+    pub(super) fn drop_orphan(&self, store_id: u64, queue: &QueueState) -> sled::Result<usize> {
+        for s in &queue.owed {
+            self.release(s.id)?;
+        }
+        self.drop_session(store_id)?;
+        Ok(queue.owed.len())
     }
 
     /// Everything of one session but its messages (which it releases itself): its
@@ -317,7 +354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let (q, _) = Queues::open(&db).unwrap();
-        q.hold(7, 3);
+        q.stage(7, 3, queued(Vec::new()));
         q.put(7, &queued(vec![(1, 0), (2, 0)])).unwrap();
         q.release(7).unwrap();
         q.release(7).unwrap();
@@ -360,7 +397,12 @@ mod tests {
             q.put(12, &queued(vec![(1, 5)])).unwrap();
             // No mark: a session that is gone.
             q.put(13, &queued(vec![(3, 0)])).unwrap();
-            q.sent(1, 11, Some((42, true))).unwrap();
+            let released = Sent::InFlight {
+                pkid: 42,
+                released: true,
+            };
+            q.sent(1, 11, Some(released)).unwrap();
+            q.sent(1, 12, Some(Sent::Completed)).unwrap();
             q.qos2(2, 9, true).unwrap();
             db.flush().unwrap();
         }
@@ -378,7 +420,11 @@ mod tests {
         );
         let owed: Vec<(u64, u64)> = one.owed.iter().map(|s| (s.seq, s.id)).collect();
         assert_eq!(owed, [(5, 12), (6, 11)]);
-        assert_eq!(one.sent, [(11, 42, true)]);
+        let released = Sent::InFlight {
+            pkid: 42,
+            released: true,
+        };
+        assert_eq!(one.sent, [(11, released), (12, Sent::Completed)]);
         assert_eq!(found.queues[&2].qos2, [9]);
         assert!(q.message(10).unwrap().is_none() && q.message(13).unwrap().is_none());
         // Message 11 has two holders again.
@@ -390,5 +436,45 @@ mod tests {
         drop(q);
         let (_, found) = Queues::open(&db).unwrap();
         assert!(!found.queues.contains_key(&1));
+    }
+
+    #[test]
+    fn a_staged_message_is_read_before_it_is_written_and_gone_once_unstaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let (q, _) = Queues::open(&db).unwrap();
+        // Handed to a recipient that reads it before its publisher writes it.
+        q.stage(5, 2, queued(Vec::new()));
+        assert_eq!(q.message(5).unwrap(), Some(queued(Vec::new())));
+        q.put(5, &queued(vec![(1, 0)])).unwrap();
+        assert_eq!(q.message(5).unwrap(), Some(queued(vec![(1, 0)])));
+        // Never written (no recipient took it): nothing to read.
+        q.stage(6, 2, queued(Vec::new()));
+        q.unstage(6);
+        assert_eq!(q.message(6).unwrap(), None);
+    }
+
+    #[test]
+    fn an_orphaned_queue_releases_its_messages_and_leaves_no_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        {
+            let (q, _) = Queues::open(&db).unwrap();
+            for store_id in [1, 2] {
+                q.mark(store_id, Mark::default()).unwrap();
+            }
+            q.put(10, &queued(vec![(1, 0)])).unwrap();
+            q.put(11, &queued(vec![(1, 1), (2, 0)])).unwrap();
+            q.sent(1, 11, Some(Sent::Completed)).unwrap();
+        }
+        let (q, found) = Queues::open(&db).unwrap();
+        // Session 1 has no record any more; session 2 does.
+        assert_eq!(q.drop_orphan(1, &found.queues[&1]).unwrap(), 2);
+        assert_eq!(q.message(10).unwrap(), None);
+        assert!(q.message(11).unwrap().is_some(), "session 2 still holds it");
+        drop(q);
+        let (_, found) = Queues::open(&db).unwrap();
+        assert!(!found.queues.contains_key(&1));
+        assert_eq!(found.queues[&2].owed.len(), 1);
     }
 }

@@ -355,16 +355,33 @@ pub(super) fn decode_recipients(value: &[u8]) -> Option<(Vec<(u64, u64)>, u64)> 
     Some((recipients, value.len().saturating_sub(at) as u64))
 }
 
-/// What the store knows of a message in flight to a session: its packet id, and
-/// whether PUBREC came back (PUBREL sent).
-pub(super) fn encode_sent(pkid: u16, released: bool) -> [u8; 3] {
-    let [a, b] = pkid.to_be_bytes();
-    [a, b, u8::from(released)]
+/// What the store knows of a stored QoS 2 message a session sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Written under this packet id; `released`: PUBREC came back, PUBREL sent.
+    InFlight { pkid: u16, released: bool },
+    /// PUBCOMP came back. Kept until the session's mark is past the message: until
+    /// then a restart would find it still owed, and must not send it again.
+    Completed,
 }
 
-pub(super) fn decode_sent(value: &[u8]) -> Option<(u16, bool)> {
+pub(super) fn encode_sent(sent: Sent) -> [u8; 3] {
+    match sent {
+        Sent::InFlight { pkid, released } => {
+            let [a, b] = pkid.to_be_bytes();
+            [a, b, u8::from(released)]
+        }
+        Sent::Completed => [0, 0, 2],
+    }
+}
+
+pub(super) fn decode_sent(value: &[u8]) -> Option<Sent> {
     match value {
-        [a, b, r] => Some((u16::from_be_bytes([*a, *b]), *r == 1)),
+        [_, _, 2] => Some(Sent::Completed),
+        [a, b, r @ (0 | 1)] => Some(Sent::InFlight {
+            pkid: u16::from_be_bytes([*a, *b]),
+            released: *r == 1,
+        }),
         _ => None,
     }
 }
@@ -496,7 +513,20 @@ pub(super) mod tests {
             Some((3, u64::MAX))
         );
         assert!(entry_key(1, 2) < entry_key(1, 3) && entry_key(1, u64::MAX) < entry_key(2, 0));
-        assert_eq!(decode_sent(&encode_sent(513, true)), Some((513, true)));
+        for sent in [
+            Sent::InFlight {
+                pkid: 513,
+                released: true,
+            },
+            Sent::InFlight {
+                pkid: 1,
+                released: false,
+            },
+            Sent::Completed,
+        ] {
+            assert_eq!(decode_sent(&encode_sent(sent)), Some(sent));
+        }
         assert_eq!(decode_sent(b"\x01"), None);
+        assert_eq!(decode_sent(b"\x00\x01\x07"), None);
     }
 }

@@ -9,17 +9,22 @@ use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
 use std::path::Path;
 
-const TOPIC: &str = "articulos/+/futbol";
+pub(crate) const TOPIC: &str = "articulos/+/futbol";
 
 /// A 3.1.1 persistent session (clean session 0) with `name`'s certificate.
-async fn persistent(broker: &Proc, dir: &Path, name: &str, id: &str) -> (TestClient, v4::ConnAck) {
+pub(crate) async fn persistent(
+    broker: &Proc,
+    dir: &Path,
+    name: &str,
+    id: &str,
+) -> (TestClient, v4::ConnAck) {
     let mut c = broker.tls(dir, name).await;
     let ack = c.connect(id, false, 30).await;
     (c, ack)
 }
 
 /// Sends `n` QoS 1 publishes at once (packet ids 1..=n), then waits for every PUBACK.
-async fn publish_all(c: &mut TestClient, n: usize) {
+pub(crate) async fn publish_all(c: &mut TestClient, n: usize) {
     for i in 0..n {
         let mut p = v4::Publish::new(
             format!("articulos/d{}/futbol", i % 7),
@@ -39,7 +44,7 @@ async fn publish_all(c: &mut TestClient, n: usize) {
 
 /// Receives `n` publishes, acknowledging each; their payloads, and whether any came
 /// marked DUP.
-async fn receive_all(c: &mut TestClient, n: usize) -> (Vec<String>, bool) {
+pub(crate) async fn receive_all(c: &mut TestClient, n: usize) -> (Vec<String>, bool) {
     let mut got = Vec::with_capacity(n);
     let mut dup = false;
     while got.len() < n {
@@ -50,7 +55,7 @@ async fn receive_all(c: &mut TestClient, n: usize) -> (Vec<String>, bool) {
     (got, dup)
 }
 
-fn articles(range: std::ops::Range<usize>) -> Vec<String> {
+pub(crate) fn articles(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("articulo {i}")).collect()
 }
 
@@ -171,7 +176,7 @@ async fn unacknowledged_deliveries_are_resent_with_dup_in_order_after_sigkill() 
 }
 
 /// One QoS 2 step of a raw 3.1.1 client, answered by the broker.
-async fn expect(c: &mut TestClient, what: &str, pkid: u16) {
+pub(crate) async fn expect(c: &mut TestClient, what: &str, pkid: u16) {
     let got = c.recv().await;
     let ok = match (&got, what) {
         (Packet::PubRec(a), "PUBREC") => a.pkid == pkid,
@@ -182,7 +187,7 @@ async fn expect(c: &mut TestClient, what: &str, pkid: u16) {
     assert!(ok, "expected {what} {pkid}, got {got:?}");
 }
 
-fn qos2(payload: &str, pkid: u16, dup: bool) -> Packet {
+pub(crate) fn qos2(payload: &str, pkid: u16, dup: bool) -> Packet {
     let mut p = v4::Publish::new("articulos/q2/futbol", QoS::ExactlyOnce, payload.to_string());
     p.pkid = pkid;
     p.dup = dup;

@@ -13,4 +13,5 @@ mod messaging;
 mod observability;
 mod persistence;
 mod process;
+mod recovery;
 mod refusals;

@@ -296,6 +296,37 @@ fn stored_messages_beyond_the_memory_share_wait_on_disk_in_order() {
 }
 
 #[test]
+fn a_message_not_stored_waits_behind_those_on_disk() {
+    // The session stopped being persistent with messages on disk: what comes next is
+    // not stored, and still goes out after them.
+    let mut out = Outgoing::new(Limits {
+        in_memory: 2,
+        ..limits(1, 100)
+    });
+    out.restore(vec![spilled(1), spilled(2), spilled(3)], Vec::new(), 4, 0);
+    assert_eq!(out.admit(owed(7), t(0), false), Admission::Queued);
+    assert_eq!(out.admit(owed(8), t(0), false), Admission::Queued);
+    // Stored again (persistent again): behind those.
+    assert_eq!(out.admit(stored(4), t(0), false), Admission::OnDisk);
+    assert_eq!(out.queued(), 6);
+    assert_eq!(topics(&out.unstored(t(0))), ["t/7", "t/8"]);
+    assert_eq!(out.low(), 1);
+    out.attach(1);
+    let mut got = Vec::new();
+    loop {
+        for s in out.take_to_load() {
+            out.loaded(stored(s.seq as u32), t(0));
+        }
+        let Some(t) = out.next(t(0)) else { break };
+        got.push(t.owed.message.topic.clone());
+        out.acknowledged(t.pkid);
+    }
+    assert_eq!(got, ["t/1", "t/2", "t/3", "t/7", "t/8", "t/4"]);
+    assert_eq!(out.queued(), 0);
+    assert_eq!(out.low(), 5);
+}
+
+#[test]
 fn low_is_the_oldest_stored_message_not_finished() {
     let mut out = Outgoing::new(limits(10, 100));
     assert_eq!(out.low(), 0);
