@@ -316,12 +316,18 @@ impl Outgoing {
         sent_below: u64,
     ) {
         let in_flight: BTreeSet<u64> = inflight.iter().filter_map(|w| w.owed.seq).collect();
-        for s in owed {
-            if !in_flight.contains(&s.seq) {
-                self.on_disk_bytes += s.size;
-                self.next_seq = self.next_seq.max(s.seq + 1);
-                self.push_on_disk(s);
-            }
+        let mut owed = owed;
+        owed.retain(|s| !in_flight.contains(&s.seq));
+        for s in &owed {
+            self.on_disk_bytes += s.size;
+            self.next_seq = self.next_seq.max(s.seq + 1);
+        }
+        // Taken whole, not copied: a restored queue may hold millions of references.
+        self.disk_pushed += owed.len() as u64;
+        if self.on_disk.is_empty() {
+            self.on_disk = VecDeque::from(owed);
+        } else {
+            self.on_disk.extend(owed);
         }
         self.next_seq = self.next_seq.max(next_seq);
         self.sent_below = sent_below;

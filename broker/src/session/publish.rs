@@ -6,9 +6,10 @@ use super::Session;
 use crate::message::{now_micros, Envelope, Message};
 use crate::routing::fanout::{Delivery, HandOver, Outbox};
 use crate::routing::router;
-use crate::store::{QueuedMessage, StoreError};
+use crate::store::{QueuedMessage, Spilled, StoreError};
 use bytes::Bytes;
 use rumqttd::protocol::{self as rp, Packet as RouterPacket};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::error;
 
@@ -50,17 +51,21 @@ impl Session {
 
     /// Hands this batch's messages to the subscriber sessions, and stores the QoS 1/2
     /// ones owed to persistent sessions (durable with this batch's flush, before the
-    /// publisher's acknowledgements go out). Where an inbox is full the publisher
-    /// waits, and with it its acknowledgements: it is slowed down, and nothing is
-    /// dropped.
+    /// publisher's acknowledgements go out): one index record per recipient session
+    /// for the whole batch, then each message once. Where an inbox is full the
+    /// publisher waits, and with it its acknowledgements: it is slowed down, and
+    /// nothing is dropped.
     pub(super) async fn hand_over(&mut self) {
         if self.deliveries.is_empty() {
             return;
         }
+        let store = self.shared.store.clone();
+        // Messages to write, and what each persistent session was given of them.
+        let mut stored: Vec<(u64, Arc<QueuedMessage>)> = Vec::new();
+        let mut entries: HashMap<u64, Vec<Spilled>> = HashMap::new();
         for delivery in std::mem::take(&mut self.deliveries) {
             let id = delivery.envelope.id;
-            let store = self.shared.store.clone();
-            let mut held = false;
+            let mut staged = None;
             let HandOver {
                 full,
                 ended,
@@ -69,8 +74,9 @@ impl Session {
             } = self.shared.fanout.hand_over(&delivery, |n| {
                 // Its recipients, and this session until the record is written; they
                 // read it staged until then.
-                store.stage(id, n + 1, queued_message(&delivery, Vec::new()));
-                held = true;
+                let queued = Arc::new(queued_message(&delivery));
+                store.stage(id, n + 1, queued.clone());
+                staged = Some(queued);
             });
             for _ in 0..ended {
                 self.lost_to_ended_session(&delivery.topic);
@@ -86,30 +92,62 @@ impl Session {
                     None => ended_stored += u32::from(store_id != 0),
                 }
             }
-            if !held {
+            let Some(queued) = staged else {
                 continue;
-            }
+            };
             for _ in 0..ended_stored {
                 self.release(id);
             }
             if recipients.is_empty() {
                 store.unstage(id);
-            } else {
-                match store.put_queued(id, &queued_message(&delivery, recipients)) {
-                    Ok(()) => self.needs_sync = true,
-                    Err(e) => {
-                        error!(client_id = %self.key.client_id, topic = %delivery.topic,
-                            error = %e, "message not stored for persistent sessions: not acknowledged");
-                        self.store_broken = true;
-                    }
-                }
+                self.release(id);
+                continue;
             }
-            // This session's own hold, now that the record is written.
-            self.release(id);
+            let size = (delivery.topic.len() + delivery.payload.len()) as u64;
+            for (store_id, seq) in recipients {
+                entries
+                    .entry(store_id)
+                    .or_default()
+                    .push(Spilled { seq, id, size });
+            }
+            stored.push((id, queued));
+        }
+        if !stored.is_empty() {
+            self.store_batch(entries, stored);
         }
         // The subscriber sessions just woken run first, on this thread, and write to
         // their clients before this session writes its acknowledgements.
         tokio::task::yield_now().await;
+    }
+
+    /// Writes the index entries of a batch, then its messages (a crash never leaves a
+    /// message without its entries), and lets go of this session's hold on each.
+    fn store_batch(
+        &mut self,
+        entries: HashMap<u64, Vec<Spilled>>,
+        stored: Vec<(u64, Arc<QueuedMessage>)>,
+    ) {
+        let store = self.shared.store.clone();
+        let mut written = entries
+            .iter()
+            .try_for_each(|(store_id, e)| store.queue_entries(*store_id, e));
+        for (id, queued) in stored {
+            if written.is_ok() {
+                written = store.put_queued(id, &queued);
+            } else {
+                store.unstage(id);
+            }
+            // This session's own hold, now that the record is written.
+            self.release(id);
+        }
+        match written {
+            Ok(()) => self.needs_sync = true,
+            Err(e) => {
+                error!(client_id = %self.key.client_id, error = %e,
+                    "messages not stored for persistent sessions: not acknowledged");
+                self.store_broken = true;
+            }
+        }
     }
 
     /// Waits for room in a full inbox and hands `delivery` over (its sequence number
@@ -143,8 +181,8 @@ impl Session {
     }
 }
 
-/// `delivery` as the store queues it for `recipients`.
-fn queued_message(delivery: &Delivery, recipients: Vec<(u64, u64)>) -> QueuedMessage {
+/// `delivery` as the store keeps it.
+fn queued_message(delivery: &Delivery) -> QueuedMessage {
     QueuedMessage {
         message: Message {
             topic: delivery.topic.clone(),
@@ -155,6 +193,6 @@ fn queued_message(delivery: &Delivery, recipients: Vec<(u64, u64)>) -> QueuedMes
         },
         origin: delivery.envelope.origin,
         received_at: delivery.envelope.received_at,
-        recipients,
+        recipients: Vec::new(),
     }
 }

@@ -10,11 +10,14 @@ use crate::message::{now_micros, Envelope, Message};
 use crate::store::{Mark, QueueState, QueuedMessage, Sent, Spilled, StoreError};
 use std::collections::HashMap;
 use std::time::SystemTime;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 /// After a restart, a session's sequence numbers go on this far above its last mark:
 /// numbers handed out after the mark was written are never reused.
 const SEQ_GAP: u64 = 1 << 32;
+
+/// How far a session's mark moves before the index records it passed are deleted.
+const TRIM_EVERY: u64 = 256;
 
 /// Where a restored session's sequence numbers start.
 pub(crate) fn restart_seq(queue: &QueueState) -> u64 {
@@ -95,9 +98,18 @@ impl Session {
             mark.next = mark.next.max(self.outbox.peek_seq());
         }
         if mark != self.mark {
-            match self.shared.store.mark(self.store_id, mark) {
-                Ok(()) => self.mark = mark,
-                Err(e) => return self.store_failed(&e),
+            if let Err(e) = self.shared.store.mark(self.store_id, mark) {
+                return self.store_failed(&e);
+            }
+            self.mark = mark;
+            // After the mark: whatever a crash keeps, no entry it passes is owed again.
+            // Not at every mark: a record holds a publisher's batch, and the range
+            // scan costs the same for one record as for many.
+            if mark.low >= self.trimmed_below.saturating_add(TRIM_EVERY) {
+                if let Err(e) = self.shared.store.trim_queue(self.store_id, mark.low) {
+                    return self.store_failed(&e);
+                }
+                self.trimmed_below = mark.low;
             }
         }
         if self.completed.is_empty() {
@@ -130,11 +142,13 @@ impl Session {
                         Some(owed) => self.outgoing.loaded(owed, now),
                         None => self.release(spilled.id),
                     },
-                    // Neither staged by its publisher nor written: its publisher could
-                    // not store it, and did not acknowledge it. Nothing to deliver.
+                    // Gone: finished (delivered, expired, dropped) just before a crash
+                    // that kept its index entry and lost the mark past it, or never
+                    // written by a publisher that could not store it (and so did not
+                    // acknowledge it, logged there). Nothing to deliver either way.
                     Ok(None) => {
-                        warn!(identity = %self.key.identity, client_id = %self.key.client_id,
-                            message = spilled.id, "queued message missing from the store: skipped");
+                        debug!(identity = %self.key.identity, client_id = %self.key.client_id,
+                            message = spilled.id, "queued message no longer in the store: skipped");
                     }
                     Err(e) => {
                         self.store_failed(&e);
@@ -177,15 +191,25 @@ impl Session {
     /// completed or expired in flight are finished with, the rest waits on disk.
     pub(super) fn take_up_queue(&mut self, mut state: QueueState) {
         self.mark = state.mark;
+        self.trimmed_below = state.mark.low;
         let next = restart_seq(&state);
         let mut sent: HashMap<u64, Sent> = std::mem::take(&mut state.sent).into_iter().collect();
         let mut inflight = Vec::new();
-        let mut waiting = Vec::with_capacity(state.owed.len());
-        for spilled in std::mem::take(&mut state.owed) {
-            let Some(was) = sent.remove(&spilled.id) else {
-                waiting.push(spilled);
-                continue;
-            };
+        // Only messages with a `sent` record are taken out; the rest stay in place (a
+        // restored queue may hold millions).
+        let mut waiting = std::mem::take(&mut state.owed);
+        let mut was_sent = Vec::new();
+        if !sent.is_empty() {
+            waiting.retain(|s| match sent.remove(&s.id) {
+                Some(was) => {
+                    was_sent.push((*s, was));
+                    false
+                }
+                None => true,
+            });
+        }
+        let mut back = Vec::new();
+        for (spilled, was) in was_sent {
             let Sent::InFlight { pkid, released } = was else {
                 self.finished_in_flight(spilled);
                 continue;
@@ -203,9 +227,13 @@ impl Session {
                 Ok(None) => self.finished_in_flight(spilled),
                 Err(e) => {
                     self.store_failed(&e);
-                    waiting.push(spilled);
+                    back.push(spilled);
                 }
             }
+        }
+        if !back.is_empty() {
+            waiting.extend(back);
+            waiting.sort_unstable_by_key(|s| s.seq);
         }
         // The mark is past these, or their messages are gone: nothing owed.
         for id in sent.into_keys() {
@@ -228,19 +256,36 @@ impl Session {
     /// queues saved before durable queues), so that a persistent session stops with
     /// its whole queue in the store.
     pub(super) fn store_unstored(&mut self, messages: Vec<Message>) {
-        for message in messages {
-            let id = self.shared.ids.next();
-            let seq = self.outbox.take_seq();
-            let queued = QueuedMessage {
-                message,
-                origin: 0,
-                received_at: now_micros(),
-                recipients: vec![(self.store_id, seq)],
-            };
-            if let Err(e) = self.shared.store.put_queued(id, &queued) {
-                error!(identity = %self.key.identity, client_id = %self.key.client_id,
-                    error = %e, "queued message not saved");
-            }
+        let stored: Vec<(Spilled, QueuedMessage)> = messages
+            .into_iter()
+            .map(|message| {
+                let spilled = Spilled {
+                    seq: self.outbox.take_seq(),
+                    id: self.shared.ids.next(),
+                    size: (message.topic.len() + message.payload.len()) as u64,
+                };
+                let queued = QueuedMessage {
+                    message,
+                    origin: 0,
+                    received_at: now_micros(),
+                    recipients: Vec::new(),
+                };
+                (spilled, queued)
+            })
+            .collect();
+        if stored.is_empty() {
+            return;
+        }
+        let entries: Vec<Spilled> = stored.iter().map(|(s, _)| *s).collect();
+        let store = &self.shared.store;
+        let written = store.queue_entries(self.store_id, &entries).and_then(|()| {
+            stored
+                .iter()
+                .try_for_each(|(s, q)| store.put_queued(s.id, q))
+        });
+        if let Err(e) = written {
+            error!(identity = %self.key.identity, client_id = %self.key.client_id,
+                error = %e, "queued messages not saved");
         }
     }
 

@@ -6,9 +6,9 @@
 mod queues;
 mod records;
 
-pub(crate) use queues::{Mark, QueueState, Spilled};
+pub(crate) use queues::{Mark, QueueState};
 pub(crate) use records::{
-    QueuedMessage, SavedSubscription, SavedWill, Sent, SessionRecord, Stored,
+    QueuedMessage, SavedSubscription, SavedWill, Sent, SessionRecord, Spilled, Stored,
 };
 
 use crate::config::OnCorruption;
@@ -17,6 +17,7 @@ use crate::message::Message;
 use bytes::Bytes;
 use prometheus_client::metrics::histogram::Histogram;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
@@ -202,9 +203,9 @@ impl Store {
     }
 
     /// Message `id` is about to go to `holders` holders: its recipients, and its
-    /// publisher until it has written the record (`put_queued`, then `release`).
-    /// Until then recipients read `message` (without recipients) from memory.
-    pub(crate) fn stage(&self, id: u64, holders: u32, message: QueuedMessage) {
+    /// publisher until it has written the records (`queue_entries`, `put_queued`,
+    /// then `release`). Until then recipients read `message` from memory.
+    pub(crate) fn stage(&self, id: u64, holders: u32, message: Arc<QueuedMessage>) {
         self.queues.stage(id, holders, message);
     }
 
@@ -213,7 +214,20 @@ impl Store {
         self.queues.unstage(id);
     }
 
-    /// Writes message `id` with its recipients (durable with the next `sync`).
+    /// Records which messages a publisher's batch queued for session `store_id`
+    /// (durable with the next `sync`); written before the messages.
+    pub(crate) fn queue_entries(
+        &self,
+        store_id: u64,
+        entries: &[Spilled],
+    ) -> Result<(), StoreError> {
+        self.queues
+            .index(store_id, entries)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Writes message `id`, once its index entries are written (durable with the
+    /// next `sync`); it is no longer staged.
     pub(crate) fn put_queued(&self, id: u64, queued: &QueuedMessage) -> Result<(), StoreError> {
         self.queues
             .put(id, queued)
@@ -237,6 +251,13 @@ impl Store {
     pub(crate) fn mark(&self, store_id: u64, mark: Mark) -> Result<(), StoreError> {
         self.queues
             .mark(store_id, mark)
+            .map_err(|e| self.write_error(e.to_string()))
+    }
+
+    /// Deletes the index records of a session that its written mark `low` is past.
+    pub(crate) fn trim_queue(&self, store_id: u64, low: u64) -> Result<(), StoreError> {
+        self.queues
+            .trim(store_id, low)
             .map_err(|e| self.write_error(e.to_string()))
     }
 

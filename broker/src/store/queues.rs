@@ -1,12 +1,18 @@
 //! Persistent sessions' queues in the store, written once per message rather than once
 //! per delivery:
 //!
-//! - `messages`: a QoS 1/2 message owed to persistent sessions, by message id, with
-//!   its recipients: each session's store id and the sequence number the message has
-//!   in that session's queue;
+//! - `messages`: a QoS 1/2 message owed to persistent sessions, by message id (topic,
+//!   payload, properties; records written before the index also list recipients);
+//! - `queue_index`: per session, which messages one publisher's batch queued for it,
+//!   as (sequence number, message id, size) entries, keyed by (store id, first
+//!   sequence number). A fan-out writes one message record and one small index
+//!   record per recipient session and batch; the start pass reads only the index, so
+//!   a restart costs per batch, not per message, and never reads a payload;
 //! - `marks`: per session, the sequence number below which it has everything
 //!   (delivered, expired or dropped), written lazily: after a crash a session gets
-//!   again what it finished after its last mark (QoS 1 may repeat, never go missing);
+//!   again what it finished after its last mark (QoS 1 may repeat, never go missing).
+//!   Index records wholly below a session's mark are deleted after the mark is
+//!   written;
 //! - `sent`: QoS 2 messages in flight to a session (packet id, PUBREC received), so
 //!   that a restart resends them under the same packet id, and those completed that
 //!   the session's mark is not yet past, so that a restart does not send them again:
@@ -14,22 +20,32 @@
 //! - `qos2`: inbound QoS 2 packet ids a session has routed and not yet released.
 //!
 //! A message leaves the store when its last recipient releases it: a count in memory
-//! (only for messages with two or more recipients left), rebuilt from the records at
+//! (only for messages with two or more recipients left), rebuilt from the index at
 //! start. Writes are not durable by themselves: a session that depends on them waits
-//! for the store's group commit (`Store::sync`).
+//! for the store's group commit (`Store::sync`). sled recovers a prefix of what was
+//! written, so the order of writes is what keeps the trees consistent after a crash:
+//! index entries before their message (a message is never on disk without them),
+//! releases before the mark that passes them, the mark before the index records it
+//! makes stale. An owed entry whose message is gone was finished (or never
+//! acknowledged) just before a crash: nothing to deliver.
 //!
-//! A publisher hands a message to its recipients before it writes the record (the
-//! record lists the sequence numbers they gave it); until then the message is
-//! *staged* here in memory, so that a recipient reading it from the store at once
-//! finds it. A message that is neither staged nor written is gone for good.
+//! A publisher hands a message to its recipients before it writes the records; until
+//! then the message is *staged* here in memory, so that a recipient reading it from
+//! the store at once finds it. A message that is neither staged nor written is gone
+//! for good.
 
 use super::records::{
-    decode_queued, decode_recipients, decode_sent, encode_queued, encode_sent, entry_key,
-    split_entry_key, QueuedMessage, Sent,
+    decode_index, decode_queued, decode_recipients, decode_sent, encode_index, encode_queued,
+    encode_sent, entry_key, last_seq, split_entry_key, QueuedMessage, Sent, Spilled,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// The index tree; a store without it was written before the index.
+const INDEX_TREE: &[u8] = b"queue_index";
+/// Entries per index record when old records are indexed at start.
+const MIGRATION_CHUNK: usize = 1024;
 
 /// How far a session's queue has come; see the module notes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,15 +78,6 @@ impl Mark {
     }
 }
 
-/// A message waiting in a session's queue, as the store knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Spilled {
-    pub(crate) seq: u64,
-    pub(crate) id: u64,
-    /// Topic and payload bytes.
-    pub(crate) size: u64,
-}
-
 /// One session's queue as the store found it at start.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct QueueState {
@@ -86,6 +93,7 @@ pub(crate) struct QueueState {
 /// The trees of the queues, and who still holds each message.
 pub(super) struct Queues {
     messages: sled::Tree,
+    index: sled::Tree,
     marks: sled::Tree,
     sent: sled::Tree,
     qos2: sled::Tree,
@@ -98,8 +106,9 @@ struct Held {
     /// Message id -> holders left, for messages with two or more; a message not here
     /// has one holder, whose release deletes it.
     holders: HashMap<u64, u32>,
-    /// Messages handed to their recipients and not yet written, by id.
-    staged: HashMap<u64, QueuedMessage>,
+    /// Messages handed to their recipients and not yet written, by id: the publisher's
+    /// own copy, shared rather than copied.
+    staged: HashMap<u64, Arc<QueuedMessage>>,
 }
 
 /// What opening the queues found.
@@ -114,13 +123,18 @@ pub(super) struct Found {
 
 impl Queues {
     pub(super) fn open(db: &sled::Db) -> sled::Result<(Self, Found)> {
+        let indexed = db.tree_names().iter().any(|n| n.as_ref() == INDEX_TREE);
         let queues = Self {
             messages: db.open_tree("messages")?,
+            index: db.open_tree(INDEX_TREE)?,
             marks: db.open_tree("marks")?,
             sent: db.open_tree("sent")?,
             qos2: db.open_tree("qos2")?,
             held: Mutex::new(Held::default()),
         };
+        if !indexed {
+            queues.index_old_records()?;
+        }
         let mut found = Found {
             queues: HashMap::new(),
             max_id: 0,
@@ -136,37 +150,47 @@ impl Queues {
                 _ => found.unreadable += 1,
             }
         }
-        let mut dead = Vec::new();
-        {
-            let mut held = queues.lock();
-            for item in queues.messages.iter() {
-                let (key, value) = item?;
-                let (Ok(id), Some((recipients, size))) = (
-                    <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes),
-                    decode_recipients(&value),
-                ) else {
-                    found.unreadable += 1;
-                    continue;
-                };
-                found.max_id = found.max_id.max(id);
-                let mut owed = 0;
-                for (store_id, seq) in recipients {
-                    if let Some(q) = found.queues.get_mut(&store_id) {
-                        if seq >= q.mark.low {
-                            q.owed.push(Spilled { seq, id, size });
-                            owed += 1;
-                        }
-                    }
-                }
-                match owed {
-                    0 => dead.push(key),
-                    1 => {}
-                    n => {
-                        held.holders.insert(id, n);
-                    }
+        // The index alone: no message record is read at start.
+        let mut stale = Vec::new();
+        let mut oldest_owed = u64::MAX;
+        for item in queues.index.iter() {
+            let (key, value) = item?;
+            let (Some((store_id, _)), Some(entries)) =
+                (split_entry_key(&key), decode_index(&value))
+            else {
+                found.unreadable += 1;
+                continue;
+            };
+            // A session with entries and no mark yet is owed all of them.
+            let q = found.queues.entry(store_id).or_default();
+            let before = q.owed.len();
+            for s in entries {
+                found.max_id = found.max_id.max(s.id);
+                if s.seq >= q.mark.low {
+                    oldest_owed = oldest_owed.min(s.id);
+                    q.owed.push(s);
                 }
             }
+            if q.owed.len() == before {
+                stale.push(key);
+            }
         }
+        for key in stale {
+            queues.index.remove(key)?;
+        }
+        if let Some((key, _)) = queues.messages.last()? {
+            if let Ok(k) = <[u8; 8]>::try_from(key.as_ref()) {
+                found.max_id = found.max_id.max(u64::from_be_bytes(k));
+            }
+        }
+        // Message ids grow with time, so a message older than every owed one is owed
+        // to nobody: left behind by a release a crash lost. Newer ones left behind are
+        // collected at a later start, once what is older has drained.
+        let dead: Vec<sled::IVec> = queues
+            .messages
+            .range(..oldest_owed.to_be_bytes())
+            .keys()
+            .collect::<sled::Result<_>>()?;
         found.collected = dead.len();
         for key in dead {
             queues.messages.remove(key)?;
@@ -174,6 +198,7 @@ impl Queues {
         for q in found.queues.values_mut() {
             q.owed.sort_unstable_by_key(|s| s.seq);
         }
+        queues.count_holders(&found.queues);
         for item in queues.sent.iter() {
             let (key, value) = item?;
             match (split_entry_key(&key), decode_sent(&value)) {
@@ -201,6 +226,53 @@ impl Queues {
         Ok((queues, found))
     }
 
+    /// Messages owed to two or more sessions get their count of holders back. With one
+    /// session owed anything, there is nothing to count.
+    fn count_holders(&self, queues: &HashMap<u64, QueueState>) {
+        if queues.values().filter(|q| !q.owed.is_empty()).count() < 2 {
+            return;
+        }
+        let mut ids: Vec<u64> = queues
+            .values()
+            .flat_map(|q| q.owed.iter().map(|s| s.id))
+            .collect();
+        ids.sort_unstable();
+        let mut held = self.lock();
+        for run in ids.chunk_by(|a, b| a == b) {
+            if run.len() > 1 {
+                held.holders.insert(run[0], run.len() as u32);
+            }
+        }
+    }
+
+    /// A store written before the index: its message records list their recipients,
+    /// read once to write the index.
+    fn index_old_records(&self) -> sled::Result<()> {
+        let mut by_session: HashMap<u64, Vec<Spilled>> = HashMap::new();
+        for item in self.messages.iter() {
+            let (key, value) = item?;
+            let (Ok(id), Some((recipients, size))) = (
+                <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes),
+                decode_recipients(&value),
+            ) else {
+                continue;
+            };
+            for (store_id, seq) in recipients {
+                by_session
+                    .entry(store_id)
+                    .or_default()
+                    .push(Spilled { seq, id, size });
+            }
+        }
+        for (store_id, mut entries) in by_session {
+            entries.sort_unstable_by_key(|s| s.seq);
+            for chunk in entries.chunks(MIGRATION_CHUNK) {
+                self.index(store_id, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // A panic while holding the lock leaves consistent counts behind.
         self.held.lock().unwrap_or_else(|e| e.into_inner())
@@ -208,7 +280,7 @@ impl Queues {
 
     /// Message `id` is about to go to `holders` holders (its recipients, and its
     /// publisher until the record is written): staged until `put` or `unstage`.
-    pub(super) fn stage(&self, id: u64, holders: u32, message: QueuedMessage) {
+    pub(super) fn stage(&self, id: u64, holders: u32, message: Arc<QueuedMessage>) {
         let mut held = self.lock();
         if holders > 1 {
             held.holders.insert(id, holders);
@@ -222,7 +294,37 @@ impl Queues {
         self.lock().staged.remove(&id);
     }
 
-    /// Writes message `id` with its recipients; it is no longer staged.
+    /// Records that one publisher's batch queued `entries` for session `store_id`;
+    /// written before the messages themselves.
+    pub(super) fn index(&self, store_id: u64, entries: &[Spilled]) -> sled::Result<()> {
+        let Some(first) = entries.iter().map(|s| s.seq).min() else {
+            return Ok(());
+        };
+        self.index
+            .insert(entry_key(store_id, first), encode_index(entries))
+            .map(|_| ())
+    }
+
+    /// Deletes the index records of session `store_id` that its mark `low` is past;
+    /// called once the mark is written.
+    pub(super) fn trim(&self, store_id: u64, low: u64) -> sled::Result<()> {
+        let stale: Vec<sled::IVec> = self
+            .index
+            .range(entry_key(store_id, 0)..entry_key(store_id, low))
+            .filter_map(|item| match item {
+                Ok((key, value)) => last_seq(&value)
+                    .is_none_or(|last| last < low)
+                    .then_some(Ok(key)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<sled::Result<_>>()?;
+        for key in stale {
+            self.index.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Writes message `id` (its index entries are written); it is no longer staged.
     pub(super) fn put(&self, id: u64, queued: &QueuedMessage) -> sled::Result<()> {
         let written = self
             .messages
@@ -237,7 +339,7 @@ impl Queues {
     pub(super) fn message(&self, id: u64) -> sled::Result<Option<QueuedMessage>> {
         // Staged first: unstaged only once written, so one of the two has it.
         if let Some(staged) = self.lock().staged.get(&id) {
-            return Ok(Some(staged.clone()));
+            return Ok(Some(QueuedMessage::clone(staged)));
         }
         Ok(self
             .messages
@@ -304,20 +406,20 @@ impl Queues {
     }
 
     /// Everything of one session but its messages (which it releases itself): its
-    /// mark, its in-flight and QoS 2 records.
+    /// index, in-flight and QoS 2 records, and its mark last, so that a crash midway
+    /// never leaves index entries behind a missing mark (they would be owed again).
     pub(super) fn drop_session(&self, store_id: u64) -> sled::Result<()> {
         let prefix = store_id.to_be_bytes();
-        self.marks.remove(prefix)?;
-        for tree in [&self.sent, &self.qos2] {
+        for tree in [&self.index, &self.sent, &self.qos2] {
             let keys: Vec<sled::IVec> = tree
                 .scan_prefix(prefix)
                 .keys()
-                .filter_map(Result::ok)
-                .collect();
+                .collect::<sled::Result<_>>()?;
             for key in keys {
                 tree.remove(key)?;
             }
         }
+        self.marks.remove(prefix)?;
         Ok(())
     }
 }
@@ -349,20 +451,33 @@ mod tests {
         }
     }
 
+    /// Message `id` queued for each (session, sequence number), as a publisher writes
+    /// it: the index entries, then the message.
+    fn publish(q: &Queues, id: u64, to: &[(u64, u64)]) {
+        for &(store_id, seq) in to {
+            q.index(store_id, &[Spilled { seq, id, size: 7 }]).unwrap();
+        }
+        q.put(id, &queued(Vec::new())).unwrap();
+    }
+
+    fn open(dir: &tempfile::TempDir) -> sled::Db {
+        sled::Config::new().path(dir.path()).open().unwrap()
+    }
+
     #[test]
     fn a_message_goes_when_its_last_holder_releases_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open(&dir);
         let (q, _) = Queues::open(&db).unwrap();
-        q.stage(7, 3, queued(Vec::new()));
-        q.put(7, &queued(vec![(1, 0), (2, 0)])).unwrap();
+        q.stage(7, 3, Arc::new(queued(Vec::new())));
+        publish(&q, 7, &[(1, 0), (2, 0)]);
         q.release(7).unwrap();
         q.release(7).unwrap();
         assert!(q.message(7).unwrap().is_some(), "one holder left");
         q.release(7).unwrap();
         assert!(q.message(7).unwrap().is_none());
         // One holder: no count, its release deletes.
-        q.put(8, &queued(vec![(1, 1)])).unwrap();
+        publish(&q, 8, &[(1, 1)]);
         q.release(8).unwrap();
         assert!(q.message(8).unwrap().is_none());
     }
@@ -371,32 +486,22 @@ mod tests {
     fn reopening_finds_what_each_session_is_still_owed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let db = open(&dir);
             let (q, _) = Queues::open(&db).unwrap();
-            q.mark(
-                1,
-                Mark {
-                    low: 5,
-                    next: 9,
-                    sent_below: 6,
-                },
-            )
-            .unwrap();
-            q.mark(
-                2,
-                Mark {
-                    low: 0,
-                    next: 1,
-                    sent_below: 0,
-                },
-            )
-            .unwrap();
-            // Session 1 finished seq 4; 5 and 6 are owed. Session 2 is owed seq 0.
-            q.put(10, &queued(vec![(1, 4)])).unwrap();
-            q.put(11, &queued(vec![(1, 6), (2, 0)])).unwrap();
-            q.put(12, &queued(vec![(1, 5)])).unwrap();
-            // No mark: a session that is gone.
-            q.put(13, &queued(vec![(3, 0)])).unwrap();
+            let one = Mark {
+                low: 5,
+                next: 9,
+                sent_below: 6,
+            };
+            q.mark(1, one).unwrap();
+            q.mark(2, Mark::default()).unwrap();
+            // Session 1 finished seq 4 (its release lost in a crash); 5 and 6 are
+            // owed. Session 2 is owed seq 0.
+            publish(&q, 10, &[(1, 4)]);
+            publish(&q, 11, &[(1, 6), (2, 0)]);
+            publish(&q, 12, &[(1, 5)]);
+            // No mark: a session whose first mark was not written yet.
+            publish(&q, 13, &[(3, 0)]);
             let released = Sent::InFlight {
                 pkid: 42,
                 released: true,
@@ -406,27 +511,22 @@ mod tests {
             q.qos2(2, 9, true).unwrap();
             db.flush().unwrap();
         }
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open(&dir);
         let (q, found) = Queues::open(&db).unwrap();
-        assert_eq!((found.max_id, found.collected), (13, 2));
+        // Message 10 is older than any owed: collected.
+        assert_eq!((found.max_id, found.collected), (13, 1));
         let one = &found.queues[&1];
-        assert_eq!(
-            one.mark,
-            Mark {
-                low: 5,
-                next: 9,
-                sent_below: 6
-            }
-        );
-        let owed: Vec<(u64, u64)> = one.owed.iter().map(|s| (s.seq, s.id)).collect();
-        assert_eq!(owed, [(5, 12), (6, 11)]);
+        assert_eq!(one.mark.low, 5);
+        let owed: Vec<(u64, u64, u64)> = one.owed.iter().map(|s| (s.seq, s.id, s.size)).collect();
+        assert_eq!(owed, [(5, 12, 7), (6, 11, 7)]);
         let released = Sent::InFlight {
             pkid: 42,
             released: true,
         };
         assert_eq!(one.sent, [(11, released), (12, Sent::Completed)]);
         assert_eq!(found.queues[&2].qos2, [9]);
-        assert!(q.message(10).unwrap().is_none() && q.message(13).unwrap().is_none());
+        assert_eq!(found.queues[&3].owed.len(), 1);
+        assert!(q.message(10).unwrap().is_none() && q.message(13).unwrap().is_some());
         // Message 11 has two holders again.
         q.release(11).unwrap();
         assert!(q.message(11).unwrap().is_some());
@@ -439,17 +539,84 @@ mod tests {
     }
 
     #[test]
+    fn index_records_past_the_mark_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let (q, _) = Queues::open(&db).unwrap();
+        let batch = |seqs: std::ops::Range<u64>| -> Vec<Spilled> {
+            seqs.map(|seq| Spilled {
+                seq,
+                id: 100 + seq,
+                size: 1,
+            })
+            .collect()
+        };
+        q.index(1, &batch(0..3)).unwrap();
+        q.index(1, &batch(3..6)).unwrap();
+        q.index(2, &batch(0..3)).unwrap();
+        q.trim(1, 4).unwrap();
+        // 0..3 is past; 3..6 still holds 4 and 5; session 2 is untouched.
+        let keys: Vec<(u64, u64)> = q
+            .index
+            .iter()
+            .keys()
+            .map(|k| split_entry_key(&k.unwrap()).unwrap())
+            .collect();
+        assert_eq!(keys, [(1, 3), (2, 0)]);
+        q.trim(1, 6).unwrap();
+        assert_eq!(q.index.len(), 1);
+        assert_eq!(decode_index(&encode_index(&batch(7..9))), Some(batch(7..9)));
+        assert_eq!(last_seq(&encode_index(&batch(7..9))), Some(8));
+        assert_eq!(decode_index(&[1, 1, 2]), None);
+        assert_eq!(decode_index(&[1]), None);
+    }
+
+    #[test]
+    fn a_store_written_before_the_index_is_indexed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open(&dir);
+            let messages = db.open_tree("messages").unwrap();
+            let marks = db.open_tree("marks").unwrap();
+            marks
+                .insert(1u64.to_be_bytes(), &Mark::default().encode())
+                .unwrap();
+            for (id, recipients) in [(20u64, vec![(1, 0)]), (21, vec![(1, 1), (2, 0)])] {
+                messages
+                    .insert(
+                        id.to_be_bytes(),
+                        encode_queued(&queued(recipients)).to_vec(),
+                    )
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let db = open(&dir);
+        let (q, found) = Queues::open(&db).unwrap();
+        let owed: Vec<(u64, u64, u64)> = found.queues[&1]
+            .owed
+            .iter()
+            .map(|s| (s.seq, s.id, s.size))
+            .collect();
+        assert_eq!(owed, [(0, 20, 7), (1, 21, 7)]);
+        assert_eq!(found.queues[&2].owed.len(), 1);
+        // Two holders of message 21.
+        q.release(21).unwrap();
+        assert!(q.message(21).unwrap().is_some());
+    }
+
+    #[test]
     fn a_staged_message_is_read_before_it_is_written_and_gone_once_unstaged() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open(&dir);
         let (q, _) = Queues::open(&db).unwrap();
         // Handed to a recipient that reads it before its publisher writes it.
-        q.stage(5, 2, queued(Vec::new()));
+        q.stage(5, 2, Arc::new(queued(Vec::new())));
         assert_eq!(q.message(5).unwrap(), Some(queued(Vec::new())));
-        q.put(5, &queued(vec![(1, 0)])).unwrap();
-        assert_eq!(q.message(5).unwrap(), Some(queued(vec![(1, 0)])));
+        publish(&q, 5, &[(1, 0)]);
+        assert_eq!(q.message(5).unwrap(), Some(queued(Vec::new())));
         // Never written (no recipient took it): nothing to read.
-        q.stage(6, 2, queued(Vec::new()));
+        q.stage(6, 2, Arc::new(queued(Vec::new())));
         q.unstage(6);
         assert_eq!(q.message(6).unwrap(), None);
     }
@@ -457,14 +624,14 @@ mod tests {
     #[test]
     fn an_orphaned_queue_releases_its_messages_and_leaves_no_mark() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open(&dir);
         {
             let (q, _) = Queues::open(&db).unwrap();
             for store_id in [1, 2] {
                 q.mark(store_id, Mark::default()).unwrap();
             }
-            q.put(10, &queued(vec![(1, 0)])).unwrap();
-            q.put(11, &queued(vec![(1, 1), (2, 0)])).unwrap();
+            publish(&q, 10, &[(1, 0)]);
+            publish(&q, 11, &[(1, 1), (2, 0)]);
             q.sent(1, 11, Some(Sent::Completed)).unwrap();
         }
         let (q, found) = Queues::open(&db).unwrap();

@@ -10,6 +10,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const RECORD_VERSION: u8 = 1;
+const INDEX_VERSION: u8 = 1;
+/// Bytes of one index entry: sequence number, message id, size.
+const ENTRY_LEN: usize = 20;
 /// Session records since durable queues: a store id and a delayed will follow.
 const SESSION_VERSION: u8 = 2;
 
@@ -53,6 +56,15 @@ pub(crate) struct QueuedMessage {
     /// The persistent sessions it is owed to: store id, and its sequence number in
     /// that session's queue.
     pub(crate) recipients: Vec<(u64, u64)>,
+}
+
+/// A message waiting in a session's queue, as the store knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spilled {
+    pub(crate) seq: u64,
+    pub(crate) id: u64,
+    /// Topic and payload bytes.
+    pub(crate) size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -384,6 +396,50 @@ pub(super) fn decode_sent(value: &[u8]) -> Option<Sent> {
         }),
         _ => None,
     }
+}
+
+/// An index record: version, then each entry (sequence number, message id, size), in
+/// sequence order.
+pub(super) fn encode_index(entries: &[Spilled]) -> Vec<u8> {
+    let mut sorted = entries.to_vec();
+    sorted.sort_unstable_by_key(|s| s.seq);
+    let mut out = Vec::with_capacity(1 + sorted.len() * ENTRY_LEN);
+    out.push(INDEX_VERSION);
+    for s in sorted {
+        out.extend_from_slice(&s.seq.to_be_bytes());
+        out.extend_from_slice(&s.id.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(s.size).unwrap_or(u32::MAX).to_be_bytes());
+    }
+    out
+}
+
+pub(super) fn decode_index(value: &[u8]) -> Option<Vec<Spilled>> {
+    let (&version, body) = value.split_first()?;
+    if version != INDEX_VERSION || body.is_empty() || body.len() % ENTRY_LEN != 0 {
+        return None;
+    }
+    let word = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+    body.chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            Some(Spilled {
+                seq: word(&e[..8])?,
+                id: word(&e[8..16])?,
+                size: u64::from(u32::from_be_bytes(e[16..].try_into().ok()?)),
+            })
+        })
+        .collect()
+}
+
+/// The highest sequence number of an index record, without decoding the rest.
+pub(super) fn last_seq(value: &[u8]) -> Option<u64> {
+    let start = value.len().checked_sub(ENTRY_LEN)?;
+    if start == 0 || value.first() != Some(&INDEX_VERSION) {
+        return None;
+    }
+    value[start..start + 8]
+        .try_into()
+        .ok()
+        .map(u64::from_be_bytes)
 }
 
 #[cfg(test)]
