@@ -20,7 +20,7 @@ use crate::security::tls::{self, TlsError};
 use crate::session::{self, Restored, Start};
 use crate::shared::registry::Registry;
 use crate::shared::Shared;
-use crate::store::{QueueState, SessionRecord, Store, StoreError};
+use crate::store::{Mark, QueueState, SessionRecord, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -250,8 +250,13 @@ async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Opened,
 fn restore_sessions(shared: &Arc<Shared>, sessions: Vec<(SessionKey, SessionRecord, QueueState)>) {
     for (key, mut record, queue) in sessions {
         if record.store_id == 0 {
-            // Saved before durable queues.
+            // Saved before durable queues. Its first mark before any publisher stores
+            // for it: the store knows a queue by its mark.
             record.store_id = shared.ids.next();
+            if let Err(e) = shared.store.mark(record.store_id, Mark::default()) {
+                error!(identity = %key.identity, client_id = %key.client_id, error = %e,
+                    "session's queue not created in the store");
+            }
         }
         let id = shared.ids.next();
         let rx = shared.registry.register(key.clone(), id);

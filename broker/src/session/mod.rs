@@ -96,8 +96,6 @@ pub(crate) struct Session {
     store_id: u64,
     /// The queue's mark as last written to the store.
     mark: Mark,
-    /// The mark's `low` when the store's index records below it were last deleted.
-    trimmed_below: u64,
     /// Stored QoS 2 messages completed (PUBCOMP) that the mark is not yet past:
     /// (sequence number, message id). Their `Sent::Completed` records go once it is.
     completed: Vec<(u64, u64)>,
@@ -163,7 +161,6 @@ impl Session {
             outgoing: Outgoing::new(limits),
             store_id: 0,
             mark: Mark::default(),
-            trimmed_below: 0,
             completed: Vec::new(),
             store_broken: false,
             qos2_routed: Vec::new(),

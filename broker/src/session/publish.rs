@@ -6,10 +6,9 @@ use super::Session;
 use crate::message::{now_micros, Envelope, Message};
 use crate::routing::fanout::{Delivery, HandOver, Outbox};
 use crate::routing::router;
-use crate::store::{QueuedMessage, Spilled, StoreError};
+use crate::store::{QueuedMessage, StoreError};
 use bytes::Bytes;
 use rumqttd::protocol::{self as rp, Packet as RouterPacket};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::error;
 
@@ -51,18 +50,14 @@ impl Session {
 
     /// Hands this batch's messages to the subscriber sessions, and stores the QoS 1/2
     /// ones owed to persistent sessions (durable with this batch's flush, before the
-    /// publisher's acknowledgements go out): one index record per recipient session
-    /// for the whole batch, then each message once. Where an inbox is full the
-    /// publisher waits, and with it its acknowledgements: it is slowed down, and
-    /// nothing is dropped.
+    /// publisher's acknowledgements go out): each message once, whatever the
+    /// fan-out. Where an inbox is full the publisher waits, and with it its
+    /// acknowledgements: it is slowed down, and nothing is dropped.
     pub(super) async fn hand_over(&mut self) {
         if self.deliveries.is_empty() {
             return;
         }
         let store = self.shared.store.clone();
-        // Messages to write, and what each persistent session was given of them.
-        let mut stored: Vec<(u64, Arc<QueuedMessage>)> = Vec::new();
-        let mut entries: HashMap<u64, Vec<Spilled>> = HashMap::new();
         for delivery in std::mem::take(&mut self.deliveries) {
             let id = delivery.envelope.id;
             let mut staged = None;
@@ -72,8 +67,8 @@ impl Session {
                 mut ended_stored,
                 mut recipients,
             } = self.shared.fanout.hand_over(&delivery, |n| {
-                // Its recipients, and this session until the record is written; they
-                // read it staged until then.
+                // Its recipients, and this session until it has written it; they read
+                // it staged until then.
                 let queued = Arc::new(queued_message(&delivery));
                 store.stage(id, n + 1, queued.clone());
                 staged = Some(queued);
@@ -100,54 +95,24 @@ impl Session {
             }
             if recipients.is_empty() {
                 store.unstage(id);
-                self.release(id);
-                continue;
-            }
-            let size = (delivery.topic.len() + delivery.payload.len()) as u64;
-            for (store_id, seq) in recipients {
-                entries
-                    .entry(store_id)
-                    .or_default()
-                    .push(Spilled { seq, id, size });
-            }
-            stored.push((id, queued));
-        }
-        if !stored.is_empty() {
-            self.store_batch(entries, stored);
-        }
-        // The subscriber sessions just woken run first, on this thread, and write to
-        // their clients before this session writes its acknowledgements.
-        tokio::task::yield_now().await;
-    }
-
-    /// Writes the index entries of a batch, then its messages (a crash never leaves a
-    /// message without its entries), and lets go of this session's hold on each.
-    fn store_batch(
-        &mut self,
-        entries: HashMap<u64, Vec<Spilled>>,
-        stored: Vec<(u64, Arc<QueuedMessage>)>,
-    ) {
-        let store = self.shared.store.clone();
-        let mut written = entries
-            .iter()
-            .try_for_each(|(store_id, e)| store.queue_entries(*store_id, e));
-        for (id, queued) in stored {
-            if written.is_ok() {
-                written = store.put_queued(id, &queued);
             } else {
-                store.unstage(id);
+                // Its index entries go with the group commit this session's
+                // acknowledgements wait for.
+                match store.queue_message(id, &queued, &recipients) {
+                    Ok(()) => self.needs_sync = true,
+                    Err(e) => {
+                        error!(client_id = %self.key.client_id, topic = %delivery.topic,
+                            error = %e, "message not stored for persistent sessions: not acknowledged");
+                        self.store_broken = true;
+                    }
+                }
             }
             // This session's own hold, now that the record is written.
             self.release(id);
         }
-        match written {
-            Ok(()) => self.needs_sync = true,
-            Err(e) => {
-                error!(client_id = %self.key.client_id, error = %e,
-                    "messages not stored for persistent sessions: not acknowledged");
-                self.store_broken = true;
-            }
-        }
+        // The subscriber sessions just woken run first, on this thread, and write to
+        // their clients before this session writes its acknowledgements.
+        tokio::task::yield_now().await;
     }
 
     /// Waits for room in a full inbox and hands `delivery` over (its sequence number

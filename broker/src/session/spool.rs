@@ -16,9 +16,6 @@ use tracing::{debug, error, warn};
 /// numbers handed out after the mark was written are never reused.
 const SEQ_GAP: u64 = 1 << 32;
 
-/// How far a session's mark moves before the index records it passed are deleted.
-const TRIM_EVERY: u64 = 256;
-
 /// Where a restored session's sequence numbers start.
 pub(crate) fn restart_seq(queue: &QueueState) -> u64 {
     let owed = queue.owed.last().map_or(0, |s| s.seq + 1);
@@ -56,13 +53,12 @@ impl Session {
         }
     }
 
-    /// Writes the QoS 2 records of this batch's routed messages; PUBREC waits for
-    /// them (a resent PUBLISH must be recognised after a restart).
+    /// Queues the QoS 2 records of this batch's routed messages for the group commit,
+    /// which writes them after the messages; PUBREC waits for it (a resent PUBLISH
+    /// must be recognised after a restart).
     pub(super) fn record_qos2_routed(&mut self) {
         for pkid in std::mem::take(&mut self.qos2_routed) {
-            if let Err(e) = self.shared.store.qos2(self.store_id, pkid, true) {
-                self.store_failed(&e);
-            }
+            self.shared.store.queue_qos2_routed(self.store_id, pkid);
             self.needs_sync = true;
         }
     }
@@ -72,7 +68,7 @@ impl Session {
         if self.store_id == 0 {
             return;
         }
-        if let Err(e) = self.shared.store.qos2(self.store_id, pkid, false) {
+        if let Err(e) = self.shared.store.qos2_released(self.store_id, pkid) {
             self.store_failed(&e);
         }
         // Durable before the PUBCOMP, which frees the packet id for a new message: a
@@ -102,15 +98,6 @@ impl Session {
                 return self.store_failed(&e);
             }
             self.mark = mark;
-            // After the mark: whatever a crash keeps, no entry it passes is owed again.
-            // Not at every mark: a record holds a publisher's batch, and the range
-            // scan costs the same for one record as for many.
-            if mark.low >= self.trimmed_below.saturating_add(TRIM_EVERY) {
-                if let Err(e) = self.shared.store.trim_queue(self.store_id, mark.low) {
-                    return self.store_failed(&e);
-                }
-                self.trimmed_below = mark.low;
-            }
         }
         if self.completed.is_empty() {
             return;
@@ -191,7 +178,6 @@ impl Session {
     /// completed or expired in flight are finished with, the rest waits on disk.
     pub(super) fn take_up_queue(&mut self, mut state: QueueState) {
         self.mark = state.mark;
-        self.trimmed_below = state.mark.low;
         let next = restart_seq(&state);
         let mut sent: HashMap<u64, Sent> = std::mem::take(&mut state.sent).into_iter().collect();
         let mut inflight = Vec::new();
@@ -256,36 +242,20 @@ impl Session {
     /// queues saved before durable queues), so that a persistent session stops with
     /// its whole queue in the store.
     pub(super) fn store_unstored(&mut self, messages: Vec<Message>) {
-        let stored: Vec<(Spilled, QueuedMessage)> = messages
-            .into_iter()
-            .map(|message| {
-                let spilled = Spilled {
-                    seq: self.outbox.take_seq(),
-                    id: self.shared.ids.next(),
-                    size: (message.topic.len() + message.payload.len()) as u64,
-                };
-                let queued = QueuedMessage {
-                    message,
-                    origin: 0,
-                    received_at: now_micros(),
-                    recipients: Vec::new(),
-                };
-                (spilled, queued)
-            })
-            .collect();
-        if stored.is_empty() {
-            return;
-        }
-        let entries: Vec<Spilled> = stored.iter().map(|(s, _)| *s).collect();
-        let store = &self.shared.store;
-        let written = store.queue_entries(self.store_id, &entries).and_then(|()| {
-            stored
-                .iter()
-                .try_for_each(|(s, q)| store.put_queued(s.id, q))
-        });
-        if let Err(e) = written {
-            error!(identity = %self.key.identity, client_id = %self.key.client_id,
-                error = %e, "queued messages not saved");
+        for message in messages {
+            let id = self.shared.ids.next();
+            let seq = self.outbox.take_seq();
+            let queued = QueuedMessage {
+                message,
+                origin: 0,
+                received_at: now_micros(),
+                recipients: Vec::new(),
+            };
+            let recipient = [(self.store_id, seq)];
+            if let Err(e) = self.shared.store.queue_message(id, &queued, &recipient) {
+                error!(identity = %self.key.identity, client_id = %self.key.client_id,
+                    error = %e, "queued message not saved");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! and persistent sessions (subscriptions, and their queues at shutdown). `records`
 //! says how each is written.
 
+mod index;
 mod queues;
 mod records;
 
@@ -56,8 +57,8 @@ pub(crate) struct Store {
     tree: sled::Tree,
     /// Persistent sessions by (identity, client id).
     sessions: sled::Tree,
-    /// Persistent sessions' queues.
-    queues: queues::Queues,
+    /// Persistent sessions' queues; their pending writes are the group commit's.
+    queues: Arc<queues::Queues>,
     db: sled::Db,
     flush_requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
     /// The group-commit task; awaited when a test reopens the store in-process.
@@ -135,7 +136,13 @@ impl Store {
         })?;
         unreadable_records += found.unreadable;
         let (flush_requests, requests) = mpsc::unbounded_channel();
-        let flusher = tokio::spawn(group_commit(db.clone(), requests, flush_seconds));
+        let queues = Arc::new(queues);
+        let flusher = tokio::spawn(group_commit(
+            db.clone(),
+            queues.clone(),
+            requests,
+            flush_seconds,
+        ));
         Ok(Opened {
             store: Store {
                 path,
@@ -203,8 +210,8 @@ impl Store {
     }
 
     /// Message `id` is about to go to `holders` holders: its recipients, and its
-    /// publisher until it has written the records (`queue_entries`, `put_queued`,
-    /// then `release`). Until then recipients read `message` from memory.
+    /// publisher until it has written it (`queue_message`, then `release`). Until
+    /// then recipients read `message` from memory.
     pub(crate) fn stage(&self, id: u64, holders: u32, message: Arc<QueuedMessage>) {
         self.queues.stage(id, holders, message);
     }
@@ -214,24 +221,23 @@ impl Store {
         self.queues.unstage(id);
     }
 
-    /// Records which messages a publisher's batch queued for session `store_id`
-    /// (durable with the next `sync`); written before the messages.
-    pub(crate) fn queue_entries(
+    /// Writes message `id` (staged until then), owed to `recipients` (store id,
+    /// sequence number); their index entries go with the next group commit (`sync`).
+    pub(crate) fn queue_message(
         &self,
-        store_id: u64,
-        entries: &[Spilled],
+        id: u64,
+        message: &QueuedMessage,
+        recipients: &[(u64, u64)],
     ) -> Result<(), StoreError> {
         self.queues
-            .index(store_id, entries)
+            .queue(id, message, recipients)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// Writes message `id`, once its index entries are written (durable with the
-    /// next `sync`); it is no longer staged.
-    pub(crate) fn put_queued(&self, id: u64, queued: &QueuedMessage) -> Result<(), StoreError> {
-        self.queues
-            .put(id, queued)
-            .map_err(|e| self.write_error(e.to_string()))
+    /// An inbound QoS 2 packet id routed by session `store_id`: written by the next
+    /// group commit (`sync`), after the messages it stands for.
+    pub(crate) fn queue_qos2_routed(&self, store_id: u64, pkid: u16) {
+        self.queues.queue_qos2(store_id, pkid);
     }
 
     pub(crate) fn queued_message(&self, id: u64) -> Result<Option<QueuedMessage>, StoreError> {
@@ -247,17 +253,11 @@ impl Store {
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// How far a session's queue has come (written lazily).
+    /// How far a session's queue has come (written lazily); the index records it
+    /// makes unneeded are deleted after it.
     pub(crate) fn mark(&self, store_id: u64, mark: Mark) -> Result<(), StoreError> {
         self.queues
             .mark(store_id, mark)
-            .map_err(|e| self.write_error(e.to_string()))
-    }
-
-    /// Deletes the index records of a session that its written mark `low` is past.
-    pub(crate) fn trim_queue(&self, store_id: u64, low: u64) -> Result<(), StoreError> {
-        self.queues
-            .trim(store_id, low)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
@@ -274,10 +274,10 @@ impl Store {
             .map_err(|e| self.write_error(e.to_string()))
     }
 
-    /// An inbound QoS 2 message was routed (`received`), or released by PUBREL.
-    pub(crate) fn qos2(&self, store_id: u64, pkid: u16, received: bool) -> Result<(), StoreError> {
+    /// An inbound QoS 2 message was released by PUBREL.
+    pub(crate) fn qos2_released(&self, store_id: u64, pkid: u16) -> Result<(), StoreError> {
         self.queues
-            .qos2(store_id, pkid, received)
+            .qos2(store_id, pkid, false)
             .map_err(|e| self.write_error(e.to_string()))
     }
 
@@ -314,10 +314,11 @@ impl Store {
         }
     }
 
-    /// Flushes before the process exits.
+    /// Writes what is queued and flushes, before the process exits.
     pub(crate) fn close(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
+        self.queues
+            .write_pending()
+            .and_then(|()| self.db.flush())
             .map(|_| ())
             .map_err(|e| self.write_error(e.to_string()))
     }
@@ -360,8 +361,11 @@ impl Store {
     }
 }
 
+/// The group commit: every session waiting shares one index record for the messages
+/// they queued, and one flush.
 async fn group_commit(
     db: sled::Db,
+    queues: Arc<queues::Queues>,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
     flush_seconds: Histogram,
 ) {
@@ -371,8 +375,11 @@ async fn group_commit(
             waiting.push(more);
         }
         let db = db.clone();
+        let queues = queues.clone();
         let started = std::time::Instant::now();
-        let flushed = tokio::task::spawn_blocking(move || db.flush()).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || queues.write_pending().and_then(|()| db.flush()))
+                .await;
         flush_seconds.observe(started.elapsed().as_secs_f64());
         let result = match flushed {
             Ok(Ok(_)) => Ok(()),

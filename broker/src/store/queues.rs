@@ -2,41 +2,48 @@
 //! per delivery:
 //!
 //! - `messages`: a QoS 1/2 message owed to persistent sessions, by message id (topic,
-//!   payload, properties; records written before the index also list recipients);
-//! - `queue_index`: per session, which messages one publisher's batch queued for it,
-//!   as (sequence number, message id, size) entries, keyed by (store id, first
-//!   sequence number). A fan-out writes one message record and one small index
-//!   record per recipient session and batch; the start pass reads only the index, so
-//!   a restart costs per batch, not per message, and never reads a payload;
+//!   payload, properties; records written before the index also list recipients),
+//!   written by its publisher;
+//! - `queue_index`: what was queued between two group commits, one record each,
+//!   keyed by its first message id: for each recipient session, its store id and
+//!   entries (sequence number, message id, size). Written by the group commit before
+//!   its flush, so a fan-out to N persistent sessions costs one message record, and
+//!   all publishers waiting share one index record; the start pass reads only the
+//!   index: a restart costs per group commit, and never reads a payload;
 //! - `marks`: per session, the sequence number below which it has everything
 //!   (delivered, expired or dropped), written lazily: after a crash a session gets
 //!   again what it finished after its last mark (QoS 1 may repeat, never go missing).
-//!   Index records wholly below a session's mark are deleted after the mark is
-//!   written;
+//!   A session is owed the entries at or above its mark; a store id without a mark
+//!   (its queue was deleted) is owed nothing, so a session's first mark is written
+//!   before any publisher stores for it. An index record goes once no session is
+//!   owed any of it (`index.rs` keeps count);
 //! - `sent`: QoS 2 messages in flight to a session (packet id, PUBREC received), so
 //!   that a restart resends them under the same packet id, and those completed that
 //!   the session's mark is not yet past, so that a restart does not send them again:
 //!   exactly once;
-//! - `qos2`: inbound QoS 2 packet ids a session has routed and not yet released.
+//! - `qos2`: inbound QoS 2 packet ids a session has routed and not yet released,
+//!   written by the group commit after the messages they stand for.
 //!
 //! A message leaves the store when its last recipient releases it: a count in memory
 //! (only for messages with two or more recipients left), rebuilt from the index at
 //! start. Writes are not durable by themselves: a session that depends on them waits
 //! for the store's group commit (`Store::sync`). sled recovers a prefix of what was
 //! written, so the order of writes is what keeps the trees consistent after a crash:
-//! index entries before their message (a message is never on disk without them),
-//! releases before the mark that passes them, the mark before the index records it
-//! makes stale. An owed entry whose message is gone was finished (or never
-//! acknowledged) just before a crash: nothing to deliver.
+//! releases before the mark that passes them, the mark before the deletion of the
+//! index records it makes unneeded, messages before the QoS 2 records that stand for
+//! them. A crash between a message and its index entries leaves a message nobody
+//! owes, never acknowledged: the start pass deletes messages older than every owed
+//! one. An owed entry whose message is gone was finished (or never acknowledged) just
+//! before a crash: nothing to deliver.
 //!
-//! A publisher hands a message to its recipients before it writes the records; until
-//! then the message is *staged* here in memory, so that a recipient reading it from
-//! the store at once finds it. A message that is neither staged nor written is gone
-//! for good.
+//! A publisher hands a message to its recipients before it writes it; until then the
+//! message is *staged* here in memory, so that a recipient reading it from the store
+//! at once finds it. A message that is neither staged nor written is gone for good.
 
+use super::index::Batches;
 use super::records::{
-    decode_index, decode_queued, decode_recipients, decode_sent, encode_index, encode_queued,
-    encode_sent, entry_key, last_seq, split_entry_key, QueuedMessage, Sent, Spilled,
+    decode_batch, decode_queued, decode_recipients, decode_sent, encode_batch, encode_queued,
+    encode_sent, entry_key, split_entry_key, QueuedMessage, Sent, Spilled,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -98,6 +105,21 @@ pub(super) struct Queues {
     sent: sled::Tree,
     qos2: sled::Tree,
     held: Mutex<Held>,
+    /// What the next group commit writes.
+    pending: Mutex<Pending>,
+    /// Which index records are still needed.
+    batches: Mutex<Batches>,
+}
+
+/// What publishers queued since the last group commit, which writes it: one index
+/// record for all of it, then the QoS 2 records.
+#[derive(Default)]
+struct Pending {
+    /// Per recipient session (store id): its entries.
+    entries: HashMap<u64, Vec<Spilled>>,
+    /// Inbound QoS 2 packet ids routed, by session (store id): written after the
+    /// messages they stand for.
+    qos2: Vec<(u64, u16)>,
 }
 
 /// What the queues keep in memory; see the module notes.
@@ -131,6 +153,8 @@ impl Queues {
             sent: db.open_tree("sent")?,
             qos2: db.open_tree("qos2")?,
             held: Mutex::new(Held::default()),
+            pending: Mutex::new(Pending::default()),
+            batches: Mutex::new(Batches::default()),
         };
         if !indexed {
             queues.index_old_records()?;
@@ -141,11 +165,14 @@ impl Queues {
             unreadable: 0,
             collected: 0,
         };
+        let mut batches = Batches::default();
         for item in queues.marks.iter() {
             let (key, value) = item?;
             match (<[u8; 8]>::try_from(key.as_ref()), Mark::decode(&value)) {
                 (Ok(k), Some(mark)) => {
-                    found.queues.entry(u64::from_be_bytes(k)).or_default().mark = mark;
+                    let store_id = u64::from_be_bytes(k);
+                    found.queues.entry(store_id).or_default().mark = mark;
+                    batches.marked(store_id, mark.low);
                 }
                 _ => found.unreadable += 1,
             }
@@ -155,26 +182,34 @@ impl Queues {
         let mut oldest_owed = u64::MAX;
         for item in queues.index.iter() {
             let (key, value) = item?;
-            let (Some((store_id, _)), Some(entries)) =
-                (split_entry_key(&key), decode_index(&value))
-            else {
+            let (Ok(batch), Some(groups)) = (
+                <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes),
+                decode_batch(&value),
+            ) else {
                 found.unreadable += 1;
                 continue;
             };
-            // A session with entries and no mark yet is owed all of them.
-            let q = found.queues.entry(store_id).or_default();
-            let before = q.owed.len();
-            for s in entries {
-                found.max_id = found.max_id.max(s.id);
-                if s.seq >= q.mark.low {
-                    oldest_owed = oldest_owed.min(s.id);
-                    q.owed.push(s);
+            let mut lasts = Vec::with_capacity(groups.len());
+            for (store_id, entries) in groups {
+                found.max_id = entries.iter().fold(found.max_id, |m, s| m.max(s.id));
+                let Some(q) = found.queues.get_mut(&store_id) else {
+                    continue;
+                };
+                let owed = entries.into_iter().filter(|s| s.seq >= q.mark.low);
+                let before = q.owed.len();
+                q.owed.extend(owed);
+                if let Some(last) = q.owed[before..].iter().map(|s| s.seq).max() {
+                    oldest_owed = q.owed[before..]
+                        .iter()
+                        .fold(oldest_owed, |m, s| m.min(s.id));
+                    lasts.push((store_id, last));
                 }
             }
-            if q.owed.len() == before {
+            if batches.written(batch, lasts) {
                 stale.push(key);
             }
         }
+        *queues.batches.lock().unwrap_or_else(|e| e.into_inner()) = batches;
         for key in stale {
             queues.index.remove(key)?;
         }
@@ -267,7 +302,12 @@ impl Queues {
         for (store_id, mut entries) in by_session {
             entries.sort_unstable_by_key(|s| s.seq);
             for chunk in entries.chunks(MIGRATION_CHUNK) {
-                self.index(store_id, chunk)?;
+                // Keyed by its first message id, as a publisher's batch is.
+                let key = chunk.iter().map(|s| s.id).min().unwrap_or_default();
+                self.index.insert(
+                    key.to_be_bytes(),
+                    encode_batch(&[(store_id, chunk.to_vec())]),
+                )?;
             }
         }
         Ok(())
@@ -294,38 +334,89 @@ impl Queues {
         self.lock().staged.remove(&id);
     }
 
-    /// Records that one publisher's batch queued `entries` for session `store_id`;
-    /// written before the messages themselves.
-    pub(super) fn index(&self, store_id: u64, entries: &[Spilled]) -> sled::Result<()> {
-        let Some(first) = entries.iter().map(|s| s.seq).min() else {
-            return Ok(());
-        };
-        self.index
-            .insert(entry_key(store_id, first), encode_index(entries))
-            .map(|_| ())
+    /// Writes message `id` (staged until then), owed to `recipients` (store id,
+    /// sequence number): their index entries are written by the next group commit.
+    /// Publishers write their messages themselves, in parallel with the flush of the
+    /// one before; a crash between the two leaves a message no entry points to,
+    /// never acknowledged, collected at a later start.
+    pub(super) fn queue(
+        &self,
+        id: u64,
+        message: &QueuedMessage,
+        recipients: &[(u64, u64)],
+    ) -> sled::Result<()> {
+        let size = (message.message.topic.len() + message.message.payload.len()) as u64;
+        {
+            let mut pending = self.pending();
+            for &(store_id, seq) in recipients {
+                pending
+                    .entries
+                    .entry(store_id)
+                    .or_default()
+                    .push(Spilled { seq, id, size });
+            }
+        }
+        self.put(id, message)
     }
 
-    /// Deletes the index records of session `store_id` that its mark `low` is past;
-    /// called once the mark is written.
-    pub(super) fn trim(&self, store_id: u64, low: u64) -> sled::Result<()> {
-        let stale: Vec<sled::IVec> = self
-            .index
-            .range(entry_key(store_id, 0)..entry_key(store_id, low))
-            .filter_map(|item| match item {
-                Ok((key, value)) => last_seq(&value)
-                    .is_none_or(|last| last < low)
-                    .then_some(Ok(key)),
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<sled::Result<_>>()?;
-        for key in stale {
-            self.index.remove(key)?;
+    /// An inbound QoS 2 packet id routed by session `store_id`: written with the next
+    /// group commit, after the messages it stands for.
+    pub(super) fn queue_qos2(&self, store_id: u64, pkid: u16) {
+        self.pending().qos2.push((store_id, pkid));
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what was queued since the last call: one index record for all of it
+    /// (keyed by its first message id), then the QoS 2 records. The group commit
+    /// calls this before its flush.
+    pub(super) fn write_pending(&self) -> sled::Result<()> {
+        let Pending { entries, qos2 } = std::mem::take(&mut *self.pending());
+        let groups: Vec<(u64, Vec<Spilled>)> = entries.into_iter().collect();
+        self.index(&groups)?;
+        for (store_id, pkid) in qos2 {
+            self.qos2(store_id, pkid, true)?;
+        }
+        Ok(())
+    }
+
+    /// Writes an index record: what was queued for each recipient session (store id,
+    /// entries), keyed by its first message id.
+    fn index(&self, groups: &[(u64, Vec<Spilled>)]) -> sled::Result<()> {
+        let Some(key) = groups
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|s| s.id))
+            .min()
+        else {
+            return Ok(());
+        };
+        self.index.insert(key.to_be_bytes(), encode_batch(groups))?;
+        let lasts = groups
+            .iter()
+            .filter_map(|(store_id, e)| Some((*store_id, e.iter().map(|s| s.seq).max()?)));
+        // Its recipients may have finished with all of it before it was written.
+        if self.batches().written(key, lasts) {
+            self.index.remove(key.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn batches(&self) -> std::sync::MutexGuard<'_, Batches> {
+        self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deletes the index records in `keys` (after the writes that made them unneeded).
+    fn delete_batches(&self, keys: Vec<u64>) -> sled::Result<()> {
+        for key in keys {
+            self.index.remove(key.to_be_bytes())?;
         }
         Ok(())
     }
 
     /// Writes message `id` (its index entries are written); it is no longer staged.
-    pub(super) fn put(&self, id: u64, queued: &QueuedMessage) -> sled::Result<()> {
+    fn put(&self, id: u64, queued: &QueuedMessage) -> sled::Result<()> {
         let written = self
             .messages
             .insert(id.to_be_bytes(), encode_queued(queued).to_vec())
@@ -368,10 +459,11 @@ impl Queues {
         Ok(())
     }
 
+    /// Writes a session's mark; then the index records it makes unneeded go.
     pub(super) fn mark(&self, store_id: u64, mark: Mark) -> sled::Result<()> {
-        self.marks
-            .insert(store_id.to_be_bytes(), &mark.encode())
-            .map(|_| ())
+        self.marks.insert(store_id.to_be_bytes(), &mark.encode())?;
+        let finished = self.batches().marked(store_id, mark.low);
+        self.delete_batches(finished)
     }
 
     /// What a session sends of stored QoS 2 message `id`; `None` forgets it (the
@@ -406,11 +498,11 @@ impl Queues {
     }
 
     /// Everything of one session but its messages (which it releases itself): its
-    /// index, in-flight and QoS 2 records, and its mark last, so that a crash midway
-    /// never leaves index entries behind a missing mark (they would be owed again).
+    /// in-flight and QoS 2 records, its mark, and then the index records only it
+    /// still needed (without the mark, its entries are owed to nobody).
     pub(super) fn drop_session(&self, store_id: u64) -> sled::Result<()> {
         let prefix = store_id.to_be_bytes();
-        for tree in [&self.index, &self.sent, &self.qos2] {
+        for tree in [&self.sent, &self.qos2] {
             let keys: Vec<sled::IVec> = tree
                 .scan_prefix(prefix)
                 .keys()
@@ -420,7 +512,8 @@ impl Queues {
             }
         }
         self.marks.remove(prefix)?;
-        Ok(())
+        let finished = self.batches().dropped(store_id);
+        self.delete_batches(finished)
     }
 }
 
@@ -432,216 +525,4 @@ fn qos2_key(store_id: u64, pkid: u16) -> [u8; 10] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::Message;
-
-    fn queued(recipients: Vec<(u64, u64)>) -> QueuedMessage {
-        QueuedMessage {
-            message: Message {
-                topic: "a/b".into(),
-                payload: Bytes::from_static(b"hola"),
-                qos: 1,
-                retain: false,
-                properties: None,
-            },
-            origin: 1,
-            received_at: 2,
-            recipients,
-        }
-    }
-
-    /// Message `id` queued for each (session, sequence number), as a publisher writes
-    /// it: the index entries, then the message.
-    fn publish(q: &Queues, id: u64, to: &[(u64, u64)]) {
-        for &(store_id, seq) in to {
-            q.index(store_id, &[Spilled { seq, id, size: 7 }]).unwrap();
-        }
-        q.put(id, &queued(Vec::new())).unwrap();
-    }
-
-    fn open(dir: &tempfile::TempDir) -> sled::Db {
-        sled::Config::new().path(dir.path()).open().unwrap()
-    }
-
-    #[test]
-    fn a_message_goes_when_its_last_holder_releases_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(&dir);
-        let (q, _) = Queues::open(&db).unwrap();
-        q.stage(7, 3, Arc::new(queued(Vec::new())));
-        publish(&q, 7, &[(1, 0), (2, 0)]);
-        q.release(7).unwrap();
-        q.release(7).unwrap();
-        assert!(q.message(7).unwrap().is_some(), "one holder left");
-        q.release(7).unwrap();
-        assert!(q.message(7).unwrap().is_none());
-        // One holder: no count, its release deletes.
-        publish(&q, 8, &[(1, 1)]);
-        q.release(8).unwrap();
-        assert!(q.message(8).unwrap().is_none());
-    }
-
-    #[test]
-    fn reopening_finds_what_each_session_is_still_owed() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = open(&dir);
-            let (q, _) = Queues::open(&db).unwrap();
-            let one = Mark {
-                low: 5,
-                next: 9,
-                sent_below: 6,
-            };
-            q.mark(1, one).unwrap();
-            q.mark(2, Mark::default()).unwrap();
-            // Session 1 finished seq 4 (its release lost in a crash); 5 and 6 are
-            // owed. Session 2 is owed seq 0.
-            publish(&q, 10, &[(1, 4)]);
-            publish(&q, 11, &[(1, 6), (2, 0)]);
-            publish(&q, 12, &[(1, 5)]);
-            // No mark: a session whose first mark was not written yet.
-            publish(&q, 13, &[(3, 0)]);
-            let released = Sent::InFlight {
-                pkid: 42,
-                released: true,
-            };
-            q.sent(1, 11, Some(released)).unwrap();
-            q.sent(1, 12, Some(Sent::Completed)).unwrap();
-            q.qos2(2, 9, true).unwrap();
-            db.flush().unwrap();
-        }
-        let db = open(&dir);
-        let (q, found) = Queues::open(&db).unwrap();
-        // Message 10 is older than any owed: collected.
-        assert_eq!((found.max_id, found.collected), (13, 1));
-        let one = &found.queues[&1];
-        assert_eq!(one.mark.low, 5);
-        let owed: Vec<(u64, u64, u64)> = one.owed.iter().map(|s| (s.seq, s.id, s.size)).collect();
-        assert_eq!(owed, [(5, 12, 7), (6, 11, 7)]);
-        let released = Sent::InFlight {
-            pkid: 42,
-            released: true,
-        };
-        assert_eq!(one.sent, [(11, released), (12, Sent::Completed)]);
-        assert_eq!(found.queues[&2].qos2, [9]);
-        assert_eq!(found.queues[&3].owed.len(), 1);
-        assert!(q.message(10).unwrap().is_none() && q.message(13).unwrap().is_some());
-        // Message 11 has two holders again.
-        q.release(11).unwrap();
-        assert!(q.message(11).unwrap().is_some());
-        q.release(11).unwrap();
-        assert!(q.message(11).unwrap().is_none());
-        q.drop_session(1).unwrap();
-        drop(q);
-        let (_, found) = Queues::open(&db).unwrap();
-        assert!(!found.queues.contains_key(&1));
-    }
-
-    #[test]
-    fn index_records_past_the_mark_are_trimmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(&dir);
-        let (q, _) = Queues::open(&db).unwrap();
-        let batch = |seqs: std::ops::Range<u64>| -> Vec<Spilled> {
-            seqs.map(|seq| Spilled {
-                seq,
-                id: 100 + seq,
-                size: 1,
-            })
-            .collect()
-        };
-        q.index(1, &batch(0..3)).unwrap();
-        q.index(1, &batch(3..6)).unwrap();
-        q.index(2, &batch(0..3)).unwrap();
-        q.trim(1, 4).unwrap();
-        // 0..3 is past; 3..6 still holds 4 and 5; session 2 is untouched.
-        let keys: Vec<(u64, u64)> = q
-            .index
-            .iter()
-            .keys()
-            .map(|k| split_entry_key(&k.unwrap()).unwrap())
-            .collect();
-        assert_eq!(keys, [(1, 3), (2, 0)]);
-        q.trim(1, 6).unwrap();
-        assert_eq!(q.index.len(), 1);
-        assert_eq!(decode_index(&encode_index(&batch(7..9))), Some(batch(7..9)));
-        assert_eq!(last_seq(&encode_index(&batch(7..9))), Some(8));
-        assert_eq!(decode_index(&[1, 1, 2]), None);
-        assert_eq!(decode_index(&[1]), None);
-    }
-
-    #[test]
-    fn a_store_written_before_the_index_is_indexed_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = open(&dir);
-            let messages = db.open_tree("messages").unwrap();
-            let marks = db.open_tree("marks").unwrap();
-            marks
-                .insert(1u64.to_be_bytes(), &Mark::default().encode())
-                .unwrap();
-            for (id, recipients) in [(20u64, vec![(1, 0)]), (21, vec![(1, 1), (2, 0)])] {
-                messages
-                    .insert(
-                        id.to_be_bytes(),
-                        encode_queued(&queued(recipients)).to_vec(),
-                    )
-                    .unwrap();
-            }
-            db.flush().unwrap();
-        }
-        let db = open(&dir);
-        let (q, found) = Queues::open(&db).unwrap();
-        let owed: Vec<(u64, u64, u64)> = found.queues[&1]
-            .owed
-            .iter()
-            .map(|s| (s.seq, s.id, s.size))
-            .collect();
-        assert_eq!(owed, [(0, 20, 7), (1, 21, 7)]);
-        assert_eq!(found.queues[&2].owed.len(), 1);
-        // Two holders of message 21.
-        q.release(21).unwrap();
-        assert!(q.message(21).unwrap().is_some());
-    }
-
-    #[test]
-    fn a_staged_message_is_read_before_it_is_written_and_gone_once_unstaged() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(&dir);
-        let (q, _) = Queues::open(&db).unwrap();
-        // Handed to a recipient that reads it before its publisher writes it.
-        q.stage(5, 2, Arc::new(queued(Vec::new())));
-        assert_eq!(q.message(5).unwrap(), Some(queued(Vec::new())));
-        publish(&q, 5, &[(1, 0)]);
-        assert_eq!(q.message(5).unwrap(), Some(queued(Vec::new())));
-        // Never written (no recipient took it): nothing to read.
-        q.stage(6, 2, Arc::new(queued(Vec::new())));
-        q.unstage(6);
-        assert_eq!(q.message(6).unwrap(), None);
-    }
-
-    #[test]
-    fn an_orphaned_queue_releases_its_messages_and_leaves_no_mark() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(&dir);
-        {
-            let (q, _) = Queues::open(&db).unwrap();
-            for store_id in [1, 2] {
-                q.mark(store_id, Mark::default()).unwrap();
-            }
-            publish(&q, 10, &[(1, 0)]);
-            publish(&q, 11, &[(1, 1), (2, 0)]);
-            q.sent(1, 11, Some(Sent::Completed)).unwrap();
-        }
-        let (q, found) = Queues::open(&db).unwrap();
-        // Session 1 has no record any more; session 2 does.
-        assert_eq!(q.drop_orphan(1, &found.queues[&1]).unwrap(), 2);
-        assert_eq!(q.message(10).unwrap(), None);
-        assert!(q.message(11).unwrap().is_some(), "session 2 still holds it");
-        drop(q);
-        let (_, found) = Queues::open(&db).unwrap();
-        assert!(!found.queues.contains_key(&1));
-        assert_eq!(found.queues[&2].owed.len(), 1);
-    }
-}
+mod tests;

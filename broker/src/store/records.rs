@@ -10,6 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const RECORD_VERSION: u8 = 1;
+/// Records of the queue index.
 const INDEX_VERSION: u8 = 1;
 /// Bytes of one index entry: sequence number, message id, size.
 const ENTRY_LEN: usize = 20;
@@ -398,48 +399,52 @@ pub(super) fn decode_sent(value: &[u8]) -> Option<Sent> {
     }
 }
 
-/// An index record: version, then each entry (sequence number, message id, size), in
-/// sequence order.
-pub(super) fn encode_index(entries: &[Spilled]) -> Vec<u8> {
-    let mut sorted = entries.to_vec();
-    sorted.sort_unstable_by_key(|s| s.seq);
-    let mut out = Vec::with_capacity(1 + sorted.len() * ENTRY_LEN);
+/// A record of the queue index: what one publisher's batch queued, as the store id of
+/// each session it went to with that session's entries (sequence number, message id,
+/// size), in sequence order.
+pub(super) fn encode_batch(groups: &[(u64, Vec<Spilled>)]) -> Vec<u8> {
+    let n: usize = groups.iter().map(|(_, e)| 12 + e.len() * ENTRY_LEN).sum();
+    let mut out = Vec::with_capacity(1 + n);
     out.push(INDEX_VERSION);
-    for s in sorted {
-        out.extend_from_slice(&s.seq.to_be_bytes());
-        out.extend_from_slice(&s.id.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(s.size).unwrap_or(u32::MAX).to_be_bytes());
+    for (store_id, entries) in groups {
+        let mut sorted = entries.clone();
+        sorted.sort_unstable_by_key(|s| s.seq);
+        out.extend_from_slice(&store_id.to_be_bytes());
+        out.extend_from_slice(&(sorted.len() as u32).to_be_bytes());
+        for s in sorted {
+            out.extend_from_slice(&s.seq.to_be_bytes());
+            out.extend_from_slice(&s.id.to_be_bytes());
+            out.extend_from_slice(&u32::try_from(s.size).unwrap_or(u32::MAX).to_be_bytes());
+        }
     }
     out
 }
 
-pub(super) fn decode_index(value: &[u8]) -> Option<Vec<Spilled>> {
-    let (&version, body) = value.split_first()?;
-    if version != INDEX_VERSION || body.is_empty() || body.len() % ENTRY_LEN != 0 {
+pub(super) fn decode_batch(value: &[u8]) -> Option<Vec<(u64, Vec<Spilled>)>> {
+    let (&version, mut rest) = value.split_first()?;
+    if version != INDEX_VERSION || rest.is_empty() {
         return None;
     }
     let word = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
-    body.chunks_exact(ENTRY_LEN)
-        .map(|e| {
-            Some(Spilled {
-                seq: word(&e[..8])?,
-                id: word(&e[8..16])?,
-                size: u64::from(u32::from_be_bytes(e[16..].try_into().ok()?)),
+    let mut groups = Vec::new();
+    while !rest.is_empty() {
+        let store_id = word(rest.get(..8)?)?;
+        let n = u32::from_be_bytes(rest.get(8..12)?.try_into().ok()?) as usize;
+        let body = rest.get(12..12 + n.checked_mul(ENTRY_LEN)?)?;
+        let entries = body
+            .chunks_exact(ENTRY_LEN)
+            .map(|e| {
+                Some(Spilled {
+                    seq: word(&e[..8])?,
+                    id: word(&e[8..16])?,
+                    size: u64::from(u32::from_be_bytes(e[16..].try_into().ok()?)),
+                })
             })
-        })
-        .collect()
-}
-
-/// The highest sequence number of an index record, without decoding the rest.
-pub(super) fn last_seq(value: &[u8]) -> Option<u64> {
-    let start = value.len().checked_sub(ENTRY_LEN)?;
-    if start == 0 || value.first() != Some(&INDEX_VERSION) {
-        return None;
+            .collect::<Option<Vec<_>>>()?;
+        groups.push((store_id, entries));
+        rest = &rest[12 + body.len()..];
     }
-    value[start..start + 8]
-        .try_into()
-        .ok()
-        .map(u64::from_be_bytes)
+    Some(groups)
 }
 
 #[cfg(test)]
@@ -536,6 +541,26 @@ pub(super) mod tests {
         assert_eq!((record.expiry_secs, record.store_id), (600, 0));
         assert_eq!(record.queued, vec![m]);
         assert_eq!(record.will, None);
+    }
+
+    #[test]
+    fn batch_records_round_trip_and_damage_reads_as_none() {
+        let entries = |seqs: std::ops::Range<u64>| -> Vec<Spilled> {
+            seqs.map(|seq| Spilled {
+                seq,
+                id: 100 + seq,
+                size: 300,
+            })
+            .collect()
+        };
+        let groups = vec![(1, entries(0..3)), (9, entries(5..6))];
+        let encoded = encode_batch(&groups);
+        assert_eq!(decode_batch(&encoded), Some(groups));
+        // Cut inside an entry, or inside a group's header; never a panic.
+        for cut in [encoded.len() - 5, 1 + 8, 1, 0] {
+            assert_eq!(decode_batch(&encoded[..cut]), None, "{cut} bytes");
+        }
+        assert_eq!(decode_batch(&[2, 0]), None);
     }
 
     #[test]
