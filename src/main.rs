@@ -48,6 +48,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    broker::tune_allocator();
     let args = Args::parse();
     match start(args) {
         Ok(()) => ExitCode::SUCCESS,

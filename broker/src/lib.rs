@@ -29,6 +29,6 @@ pub use operations::health;
 pub use operations::reload::Reloader;
 pub use security::tls::TlsError;
 pub use security::{acl, pki};
-pub use server::{start, Handle, StartError};
+pub use server::{start, tune_allocator, Handle, StartError};
 pub use store::StoreError;
 pub use telemetry::logging;

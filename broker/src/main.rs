@@ -88,6 +88,7 @@ enum AclAction {
 }
 
 fn main() -> ExitCode {
+    broker::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Certs {

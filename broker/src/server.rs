@@ -178,6 +178,28 @@ struct Opened {
     max_id: u64,
 }
 
+/// How many malloc arenas the process may use: glibc's default (8 per core) lets each
+/// thread keep freed memory of its own. Measured on 2 cores, draining 1,000,000 queued
+/// messages: peak RSS 136–143 MB with the default, 95–112 MB with one per core, at the
+/// same rate; 4 × 4 QoS 1 throughput no lower (858k–902k against 839k–866k
+/// deliveries/s).
+const ARENAS_PER_CORE: usize = 1;
+
+/// Sets the allocator up for a long-running broker; call before the async runtime
+/// starts its threads (the `broker` binary and the stack do). `MALLOC_ARENA_MAX` in
+/// the environment, when set, is left to decide.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cores * ARENAS_PER_CORE).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a tuning parameter of glibc's allocator.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
 /// Hands the memory the start pass freed back to the system: reading a large store
 /// through sled leaves hundreds of MB of freed heap that glibc would otherwise keep.
 fn release_freed_memory() {
