@@ -104,6 +104,34 @@ pub struct StorageConfig {
     pub on_corruption: OnCorruption,
     /// Memory the store may use to cache what it read or wrote, in MiB.
     pub cache_mb: u64,
+    /// What an acknowledged QoS 1/2 message waits for: `disk` (stable storage) or `os`.
+    pub sync: SyncMode,
+}
+
+/// How durable a write is before the broker acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(try_from = "String")]
+pub enum SyncMode {
+    /// On stable storage (fsync): survives a power cut or a kernel crash.
+    #[default]
+    Disk,
+    /// Handed to the kernel: survives the broker's process dying, not the machine.
+    Os,
+}
+
+impl TryFrom<String> for SyncMode {
+    type Error = String;
+
+    // The config crate's own enum errors name neither the key nor the choices.
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "disk" => Ok(Self::Disk),
+            "os" => Ok(Self::Os),
+            other => Err(format!(
+                "storage.sync must be \"disk\" or \"os\", not \"{other}\""
+            )),
+        }
+    }
 }
 
 /// What a full queue of an offline session gives up.
@@ -255,6 +283,7 @@ impl Default for StorageConfig {
             data_dir: "data".into(),
             on_corruption: OnCorruption::Quarantine,
             cache_mb: 16,
+            sync: SyncMode::Disk,
         }
     }
 }
@@ -477,6 +506,18 @@ mod tests {
         let path = write(dir.path(), "[session]\ninbox = 0\n");
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("session.inbox"), "{err}");
+    }
+
+    #[test]
+    fn storage_sync_is_disk_unless_said_and_a_bad_mode_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[storage]\ncache_mb = 8\n");
+        assert_eq!(Config::load(&path).unwrap().storage.sync, SyncMode::Disk);
+        let path = write(dir.path(), "[storage]\nsync = \"os\"\n");
+        assert_eq!(Config::load(&path).unwrap().storage.sync, SyncMode::Os);
+        let path = write(dir.path(), "[storage]\nsync = \"fast\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("sync") && err.contains("disk"), "{err}");
     }
 
     #[test]

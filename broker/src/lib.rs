@@ -22,7 +22,7 @@ mod telemetry;
 
 pub use config::{
     AclRule, Config, ConfigError, ListenerConfig, LogConfig, LogFormat, MetricsConfig,
-    OnCorruption, QueueFull, SessionConfig, StorageConfig, TlsConfig,
+    OnCorruption, QueueFull, SessionConfig, StorageConfig, SyncMode, TlsConfig,
 };
 pub use operations::endpoint::EndpointError;
 pub use operations::health;

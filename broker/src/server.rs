@@ -218,6 +218,7 @@ async fn open_store(config: &Config, flush_seconds: Histogram) -> Result<Opened,
         &storage.data_dir,
         storage.on_corruption,
         storage.cache_mb << 20,
+        storage.sync,
         flush_seconds,
     )
     .await?;

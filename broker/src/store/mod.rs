@@ -3,6 +3,7 @@
 //! and persistent sessions (subscriptions, and their queues at shutdown). `records`
 //! says how each is written.
 
+mod disk;
 mod index;
 mod queues;
 mod records;
@@ -12,13 +13,13 @@ pub(crate) use records::{
     QueuedMessage, SavedSubscription, SavedWill, Sent, SessionRecord, Spilled, Stored,
 };
 
-use crate::config::OnCorruption;
+use crate::config::{OnCorruption, SyncMode};
 use crate::ids::SessionKey;
 use crate::message::Message;
 use bytes::Bytes;
 use prometheus_client::metrics::histogram::Histogram;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
@@ -59,6 +60,8 @@ pub(crate) struct Store {
     sessions: sled::Tree,
     /// Persistent sessions' queues; their pending writes are the group commit's.
     queues: Arc<queues::Queues>,
+    /// What a group commit does; also run once more at shutdown.
+    commit: Commit,
     db: sled::Db,
     flush_requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
     /// The group-commit task; awaited when a test reopens the store in-process.
@@ -67,12 +70,14 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) `data_dir/retained` and reads every record.
-    /// `flush_seconds` records the duration of each group-commit flush.
+    /// Opens (or creates) `data_dir/retained` and reads what a restart needs.
+    /// `sync`: what the group commit waits for; `flush_seconds` records the duration
+    /// of each.
     pub(crate) async fn open(
         data_dir: &Path,
         on_corruption: OnCorruption,
         cache_bytes: u64,
+        sync: SyncMode,
         flush_seconds: Histogram,
     ) -> Result<Opened, StoreError> {
         let path = data_dir.join("retained");
@@ -97,6 +102,15 @@ impl Store {
                         })?
                 }
             },
+        };
+        let disk = match sync {
+            SyncMode::Os => None,
+            SyncMode::Disk => Some(Arc::new(Mutex::new(disk::Disk::open(&path).map_err(
+                |e| StoreError::Open {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                },
+            )?))),
         };
         let mut unreadable_records = 0;
         let tree = db.open_tree("retained").map_err(|e| StoreError::Open {
@@ -137,15 +151,16 @@ impl Store {
         unreadable_records += found.unreadable;
         let (flush_requests, requests) = mpsc::unbounded_channel();
         let queues = Arc::new(queues);
-        let flusher = tokio::spawn(group_commit(
-            db.clone(),
-            queues.clone(),
-            requests,
-            flush_seconds,
-        ));
+        let commit = Commit {
+            db: db.clone(),
+            queues: queues.clone(),
+            disk,
+        };
+        let flusher = tokio::spawn(group_commit(commit.clone(), requests, flush_seconds));
         Ok(Opened {
             store: Store {
                 path,
+                commit,
                 tree,
                 sessions: session_tree,
                 queues,
@@ -314,13 +329,9 @@ impl Store {
         }
     }
 
-    /// Writes what is queued and flushes, before the process exits.
+    /// Writes what is queued and makes it durable, before the process exits.
     pub(crate) fn close(&self) -> Result<(), StoreError> {
-        self.queues
-            .write_pending()
-            .and_then(|()| self.db.flush())
-            .map(|_| ())
-            .map_err(|e| self.write_error(e.to_string()))
+        self.commit.run().map_err(|e| self.write_error(e))
     }
 
     /// Flushes and releases the files, so the store can be opened again in-process.
@@ -361,11 +372,33 @@ impl Store {
     }
 }
 
-/// The group commit: every session waiting shares one index record for the messages
-/// they queued, and one flush.
-async fn group_commit(
+/// What one group commit does: the queue index record, sled's flush, and with `sync =
+/// "disk"` the fsyncs that make it survive a power cut.
+#[derive(Clone)]
+struct Commit {
     db: sled::Db,
     queues: Arc<queues::Queues>,
+    disk: Option<Arc<Mutex<disk::Disk>>>,
+}
+
+impl Commit {
+    /// Blocking: run on a blocking thread.
+    fn run(&self) -> Result<(), String> {
+        self.queues
+            .write_pending()
+            .and_then(|()| self.db.flush())
+            .map_err(|e| e.to_string())?;
+        match &self.disk {
+            Some(disk) => disk.lock().unwrap_or_else(|e| e.into_inner()).sync(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The group commit: every session waiting shares one index record for the messages
+/// they queued, one flush and one fsync.
+async fn group_commit(
+    commit: Commit,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
     flush_seconds: Histogram,
 ) {
@@ -374,16 +407,12 @@ async fn group_commit(
         while let Ok(more) = requests.try_recv() {
             waiting.push(more);
         }
-        let db = db.clone();
-        let queues = queues.clone();
+        let commit = commit.clone();
         let started = std::time::Instant::now();
-        let flushed =
-            tokio::task::spawn_blocking(move || queues.write_pending().and_then(|()| db.flush()))
-                .await;
+        let done = tokio::task::spawn_blocking(move || commit.run()).await;
         flush_seconds.observe(started.elapsed().as_secs_f64());
-        let result = match flushed {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+        let result = match done {
+            Ok(result) => result,
             Err(e) => Err(e.to_string()),
         };
         for w in waiting {
@@ -488,9 +517,15 @@ mod tests {
     async fn put_sync_reopen_delete() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let opened = Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram())
-                .await
-                .unwrap();
+            let opened = Store::open(
+                dir.path(),
+                OnCorruption::Fail,
+                8 << 20,
+                SyncMode::Disk,
+                test_histogram(),
+            )
+            .await
+            .unwrap();
             assert!(opened.messages.is_empty());
             opened
                 .store
@@ -507,9 +542,15 @@ mod tests {
             opened.store.sync().await.unwrap();
             opened.store.shutdown().await.unwrap();
         }
-        let opened = Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram())
-            .await
-            .unwrap();
+        let opened = Store::open(
+            dir.path(),
+            OnCorruption::Fail,
+            8 << 20,
+            SyncMode::Disk,
+            test_histogram(),
+        )
+        .await
+        .unwrap();
         let topics: Vec<_> = opened
             .messages
             .iter()
@@ -525,7 +566,14 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join("conf"), b"\xde\xad\xbe\xef garbage").unwrap();
         std::fs::write(store.join("db"), vec![0xA5u8; 4096]).unwrap();
-        let err = match Store::open(dir.path(), OnCorruption::Fail, 8 << 20, test_histogram()).await
+        let err = match Store::open(
+            dir.path(),
+            OnCorruption::Fail,
+            8 << 20,
+            SyncMode::Disk,
+            test_histogram(),
+        )
+        .await
         {
             Err(e) => e.to_string(),
             Ok(_) => panic!("garbage opened as a store"),
@@ -536,6 +584,7 @@ mod tests {
             dir.path(),
             OnCorruption::Quarantine,
             8 << 20,
+            SyncMode::Disk,
             test_histogram(),
         )
         .await
