@@ -12,6 +12,8 @@ mod lifecycle;
 mod messaging;
 mod observability;
 mod persistence;
+mod powercut;
+mod powerfs;
 mod process;
 mod recovery;
 mod refusals;

@@ -87,7 +87,7 @@ impl Proc {
 /// Subscribes to `articulos/#` and collects the retained messages sent on subscribe.
 /// Each PINGREQ round ends when its PINGRESP arrives; messages held back by the
 /// inflight window follow our PUBACKs, so a round that brings none means all came.
-async fn retained_after_restart(c: &mut TestClient) -> HashMap<String, Vec<u8>> {
+pub(crate) async fn retained_after_restart(c: &mut TestClient) -> HashMap<String, Vec<u8>> {
     c.subscribe("articulos/#", QoS::AtLeastOnce).await;
     let mut got = HashMap::new();
     loop {
