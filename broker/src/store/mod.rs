@@ -509,23 +509,17 @@ mod tests {
     use super::records::tests::message;
     use super::*;
 
-    fn test_histogram() -> Histogram {
-        Histogram::new([1.0])
+    /// The store in `dir` as the broker opens it, with a small cache.
+    async fn open(dir: &Path, on_corruption: OnCorruption) -> Result<Opened, StoreError> {
+        let flush_seconds = Histogram::new([1.0]);
+        Store::open(dir, on_corruption, 8 << 20, SyncMode::Disk, flush_seconds).await
     }
 
     #[tokio::test]
     async fn put_sync_reopen_delete() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let opened = Store::open(
-                dir.path(),
-                OnCorruption::Fail,
-                8 << 20,
-                SyncMode::Disk,
-                test_histogram(),
-            )
-            .await
-            .unwrap();
+            let opened = open(dir.path(), OnCorruption::Fail).await.unwrap();
             assert!(opened.messages.is_empty());
             opened
                 .store
@@ -542,15 +536,7 @@ mod tests {
             opened.store.sync().await.unwrap();
             opened.store.shutdown().await.unwrap();
         }
-        let opened = Store::open(
-            dir.path(),
-            OnCorruption::Fail,
-            8 << 20,
-            SyncMode::Disk,
-            test_histogram(),
-        )
-        .await
-        .unwrap();
+        let opened = open(dir.path(), OnCorruption::Fail).await.unwrap();
         let topics: Vec<_> = opened
             .messages
             .iter()
@@ -566,29 +552,13 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join("conf"), b"\xde\xad\xbe\xef garbage").unwrap();
         std::fs::write(store.join("db"), vec![0xA5u8; 4096]).unwrap();
-        let err = match Store::open(
-            dir.path(),
-            OnCorruption::Fail,
-            8 << 20,
-            SyncMode::Disk,
-            test_histogram(),
-        )
-        .await
-        {
+        let err = match open(dir.path(), OnCorruption::Fail).await {
             Err(e) => e.to_string(),
             Ok(_) => panic!("garbage opened as a store"),
         };
         assert!(err.contains("retained") && err.contains("damaged"), "{err}");
         // The quarantined store, reopened, is empty and usable.
-        let opened = Store::open(
-            dir.path(),
-            OnCorruption::Quarantine,
-            8 << 20,
-            SyncMode::Disk,
-            test_histogram(),
-        )
-        .await
-        .unwrap();
+        let opened = open(dir.path(), OnCorruption::Quarantine).await.unwrap();
         let aside = opened.quarantined.expect("moved aside");
         assert!(aside.join("db").is_file());
         assert!(opened.messages.is_empty());

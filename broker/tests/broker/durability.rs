@@ -23,6 +23,15 @@ pub(crate) async fn persistent(
     (c, ack)
 }
 
+/// A persistent subscriber `id` on `TOPIC` at `qos` that then leaves: what is
+/// published meanwhile is queued for it.
+pub(crate) async fn subscribe_and_leave(broker: &Proc, dir: &Path, id: &str, qos: QoS) {
+    let (mut sub, _) = persistent(broker, dir, "subscriber", id).await;
+    sub.subscribe(TOPIC, qos).await;
+    sub.send(Packet::Disconnect).await;
+    sub.expect_closed().await;
+}
+
 /// Sends `n` QoS 1 publishes at once (packet ids 1..=n), then waits for every PUBACK.
 pub(crate) async fn publish_all(c: &mut TestClient, n: usize) {
     for i in 0..n {
@@ -64,10 +73,7 @@ async fn an_offline_persistent_subscriber_gets_every_acknowledged_message_after_
     const N: usize = 1000;
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
-    let (mut sub, _) = persistent(&broker, dir.path(), "subscriber", "keeper").await;
-    sub.subscribe(TOPIC, QoS::AtLeastOnce).await;
-    sub.send(Packet::Disconnect).await;
-    sub.expect_closed().await;
+    subscribe_and_leave(&broker, dir.path(), "keeper", QoS::AtLeastOnce).await;
     let mut publ = broker.tls(dir.path(), "publisher").await;
     publ.connect("writer", true, 30).await;
     publish_all(&mut publ, N).await;
@@ -198,10 +204,7 @@ pub(crate) fn qos2(payload: &str, pkid: u16, dup: bool) -> Packet {
 async fn qos2_is_exactly_once_inbound_across_sigkill_at_each_step() {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
-    let (mut sub, _) = persistent(&broker, dir.path(), "subscriber", "q2-reader").await;
-    sub.subscribe(TOPIC, QoS::ExactlyOnce).await;
-    sub.send(Packet::Disconnect).await;
-    sub.expect_closed().await;
+    subscribe_and_leave(&broker, dir.path(), "q2-reader", QoS::ExactlyOnce).await;
 
     // Killed after PUBREC: the resent PUBLISH is recognised, not routed again.
     let (mut publ, _) = persistent(&broker, dir.path(), "publisher", "q2-writer").await;
@@ -445,10 +448,7 @@ async fn a_full_disk_acknowledges_nothing_and_names_the_store() {
     let disk = SmallDisk::mount(&data, "4m");
     crate::process::write_config(dir.path());
     let broker = start(dir.path());
-    let (mut sub, _) = persistent(&broker, dir.path(), "subscriber", "hoarder").await;
-    sub.subscribe(TOPIC, QoS::AtLeastOnce).await;
-    sub.send(Packet::Disconnect).await;
-    sub.expect_closed().await;
+    subscribe_and_leave(&broker, dir.path(), "hoarder", QoS::AtLeastOnce).await;
     let mut publ = broker.tls(dir.path(), "publisher").await;
     publ.connect("filler", true, 30).await;
     let payload = vec![b'x'; 100_000];

@@ -7,7 +7,7 @@
 //! acknowledges nothing, then or later.
 
 use crate::common::*;
-use crate::durability::{persistent, publish_all, TOPIC};
+use crate::durability::{persistent, publish_all, subscribe_and_leave};
 use crate::persistence::{retained_after_restart, start, Proc};
 use crate::powerfs::{self, PowerFs};
 use rumqttc::mqttbytes::v4::{self, Packet};
@@ -84,10 +84,7 @@ async fn acknowledge_then_cut(sync: &str) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let fs = on_power_fs(dir.path(), sync);
     let broker = start(dir.path());
-    let (mut sub, _) = persistent(&broker, dir.path(), "subscriber", "lector").await;
-    sub.subscribe(TOPIC, QoS::AtLeastOnce).await;
-    sub.send(Packet::Disconnect).await;
-    sub.expect_closed().await;
+    subscribe_and_leave(&broker, dir.path(), "lector", QoS::AtLeastOnce).await;
     let mut publ = broker.tls(dir.path(), "publisher").await;
     publ.connect("redaccion", true, 30).await;
     publish_retained(&mut publ, N).await;

@@ -4,7 +4,9 @@
 //! of a session that stopped being persistent. The real binary, killed with SIGKILL.
 
 use crate::common::*;
-use crate::durability::{articles, expect, persistent, publish_all, qos2, receive_all, TOPIC};
+use crate::durability::{
+    articles, expect, persistent, publish_all, qos2, receive_all, subscribe_and_leave, TOPIC,
+};
 use crate::persistence::{start, Proc};
 use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
@@ -176,10 +178,7 @@ async fn a_qos2_message_completed_behind_an_older_one_in_flight_is_not_sent_agai
 async fn a_packet_id_freed_by_pubcomp_just_before_sigkill_carries_a_new_message() {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
-    let (mut sub, _) = persistent(&broker, dir.path(), "subscriber", "q2-late").await;
-    sub.subscribe(TOPIC, QoS::AtLeastOnce).await;
-    sub.send(Packet::Disconnect).await;
-    sub.expect_closed().await;
+    subscribe_and_leave(&broker, dir.path(), "q2-late", QoS::AtLeastOnce).await;
     let (mut publ, _) = persistent(&broker, dir.path(), "publisher", "q2-quick").await;
     publ.send(qos2("uno", 9, false)).await;
     expect(&mut publ, "PUBREC", 9).await;
