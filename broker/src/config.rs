@@ -156,8 +156,8 @@ pub enum OnCorruption {
     Fail,
 }
 
-/// One `[[acl]]` rule: what an identity may publish to and subscribe to.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// One `[[acl]]` rule: what an identity may publish to and subscribe to, and what not.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
     /// Certificate CN, or `*` for any identity.
@@ -168,6 +168,13 @@ pub struct AclRule {
     /// Topic patterns it may subscribe to.
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Topic patterns it may not publish to, whatever any rule grants.
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    /// Topic patterns it may not receive, whatever any rule grants: a SUBSCRIBE inside
+    /// one is refused, and a wider one is granted without them.
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
 }
 
 /// Checks every rule; the error names the rule and the pattern (`acl[0].publish[1]`).
@@ -178,7 +185,12 @@ pub(crate) fn check_acl_rules(rules: &[AclRule]) -> Result<(), String> {
                 "acl[{i}].identity: must be a certificate CN or \"*\""
             ));
         }
-        for (key, patterns) in [("publish", &rule.publish), ("subscribe", &rule.subscribe)] {
+        for (key, patterns) in [
+            ("publish", &rule.publish),
+            ("subscribe", &rule.subscribe),
+            ("deny_publish", &rule.deny_publish),
+            ("deny_subscribe", &rule.deny_subscribe),
+        ] {
             for (j, p) in patterns.iter().enumerate() {
                 let sample = p.replace("%u", "u").replace("%c", "c");
                 if !topic::valid_filter(&sample) {

@@ -170,6 +170,11 @@ fn acl_check(
             index + 1,
             acl.rules()[index].identity
         ),
+        Decision::DeniedBy { index, pattern } => println!(
+            "deny: rule #{} (identity = \"{}\") denies {action} on \"{pattern}\"",
+            index + 1,
+            acl.rules()[index].identity
+        ),
         Decision::Denied => {
             println!("deny: no rule grants {identity} {action} on \"{topic}\"");
         }

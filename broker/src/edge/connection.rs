@@ -264,6 +264,7 @@ mod tests {
             identity: "publisher".into(),
             publish: vec!["articulos/#".into()],
             subscribe: vec![],
+            ..Default::default()
         }])
         .unwrap()
     }

@@ -1,6 +1,8 @@
 //! Authorization by certificate identity: `[[acl]]` rules in broker.toml grant each
-//! identity publish and subscribe on topic patterns (`%u` identity, `%c` client id).
-//! With no rule at all, every authenticated identity may do everything.
+//! identity publish and subscribe on topic patterns (`%u` identity, `%c` client id),
+//! and deny some (`deny_publish`, `deny_subscribe`): every deny of every rule that
+//! applies is checked before any grant. With no rule at all, every authenticated
+//! identity may do everything; with rules, what is not granted is denied.
 
 use crate::config::AclRule;
 use mqtt_common::topic;
@@ -27,16 +29,16 @@ pub enum Decision {
     /// No rules configured: everything is allowed.
     AllowedByDefault,
     /// Allowed by rule `index` (0-based) through `pattern`.
-    Allowed {
-        index: usize,
-        pattern: String,
-    },
+    Allowed { index: usize, pattern: String },
+    /// Denied by rule `index` (0-based) through its deny `pattern`.
+    DeniedBy { index: usize, pattern: String },
+    /// No rule grants it.
     Denied,
 }
 
 impl Decision {
     pub fn allowed(&self) -> bool {
-        !matches!(self, Self::Denied)
+        matches!(self, Self::AllowedByDefault | Self::Allowed { .. })
     }
 }
 
@@ -62,18 +64,36 @@ impl Acl {
 
     /// May `identity` (connected as `client_id`) publish to `topic`?
     pub fn check_publish(&self, identity: &str, client_id: &str, topic_name: &str) -> Decision {
-        self.check(identity, client_id, Action::Publish, |pattern| {
-            topic::matches(pattern, topic_name)
-        })
+        let applies = |pattern: &str| topic::matches(pattern, topic_name);
+        self.check(identity, client_id, Action::Publish, applies, applies)
     }
 
     /// May `identity` subscribe with `filter`? Only when every topic the filter can
-    /// match is granted.
+    /// match is granted, and not when a deny pattern covers all of them (one that
+    /// covers some is left out of what the subscription delivers: `hidden`).
     pub fn check_subscribe(&self, identity: &str, client_id: &str, filter: &str) -> Decision {
         let inner = topic::matching_part(filter);
-        self.check(identity, client_id, Action::Subscribe, |pattern| {
-            topic::filter_covers(pattern, inner)
-        })
+        let covers = |pattern: &str| topic::filter_covers(pattern, inner);
+        self.check(identity, client_id, Action::Subscribe, covers, covers)
+    }
+
+    /// The `deny_subscribe` patterns that apply to `identity` as `client_id`: topics
+    /// its subscriptions never deliver.
+    pub fn hidden(&self, identity: &str, client_id: &str) -> Vec<String> {
+        self.applying(identity)
+            .flat_map(|(_, rule)| &rule.deny_subscribe)
+            .map(|p| {
+                substitute(p, identity, client_id)
+                    .unwrap_or_else(|| deny_pattern(p, identity, client_id))
+            })
+            .collect()
+    }
+
+    fn applying<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = (usize, &'a AclRule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(move |(_, rule)| rule.identity == "*" || rule.identity == identity)
     }
 
     pub fn check_action(
@@ -94,29 +114,52 @@ impl Acl {
         identity: &str,
         client_id: &str,
         action: Action,
+        denies: impl Fn(&str) -> bool,
         grants: impl Fn(&str) -> bool,
     ) -> Decision {
         if self.rules.is_empty() {
             return Decision::AllowedByDefault;
         }
-        for (index, rule) in self.rules.iter().enumerate() {
-            if rule.identity != "*" && rule.identity != identity {
-                continue;
-            }
-            let patterns = match action {
-                Action::Publish => &rule.publish,
-                Action::Subscribe => &rule.subscribe,
+        let patterns = |rule: &'_ AclRule, deny: bool| -> Vec<String> {
+            let list = match (action, deny) {
+                (Action::Publish, false) => &rule.publish,
+                (Action::Subscribe, false) => &rule.subscribe,
+                (Action::Publish, true) => &rule.deny_publish,
+                (Action::Subscribe, true) => &rule.deny_subscribe,
             };
-            for pattern in patterns {
-                let Some(pattern) = substitute(pattern, identity, client_id) else {
-                    continue;
-                };
-                if grants(&pattern) {
-                    return Decision::Allowed { index, pattern };
-                }
+            // A grant whose substitution would widen it does not apply; a deny
+            // always does, and one that an identity or client id would turn into an
+            // invalid pattern denies everything: denies err on the side of denying.
+            list.iter()
+                .filter_map(|p| match substitute(p, identity, client_id) {
+                    Some(p) => Some(p),
+                    None if deny => Some(deny_pattern(p, identity, client_id)),
+                    None => None,
+                })
+                .collect()
+        };
+        for (index, rule) in self.applying(identity) {
+            if let Some(pattern) = patterns(rule, true).into_iter().find(|p| denies(p)) {
+                return Decision::DeniedBy { index, pattern };
+            }
+        }
+        for (index, rule) in self.applying(identity) {
+            if let Some(pattern) = patterns(rule, false).into_iter().find(|p| grants(p)) {
+                return Decision::Allowed { index, pattern };
             }
         }
         Decision::Denied
+    }
+}
+
+/// A deny pattern with `%u` and `%c` replaced whatever they hold; `#` (everything)
+/// when that leaves no valid pattern.
+fn deny_pattern(pattern: &str, identity: &str, client_id: &str) -> String {
+    let p = pattern.replace("%u", identity).replace("%c", client_id);
+    if topic::valid_filter(&p) {
+        p
+    } else {
+        "#".into()
     }
 }
 
@@ -144,11 +187,13 @@ mod tests {
                 identity: "publisher".into(),
                 publish: vec!["articulos/#".into()],
                 subscribe: vec![],
+                ..Default::default()
             },
             AclRule {
                 identity: "subscriber".into(),
                 publish: vec![],
                 subscribe: vec!["articulos/#".into(), "$SYS/#".into()],
+                ..Default::default()
             },
         ])
         .unwrap()
@@ -204,6 +249,7 @@ mod tests {
             identity: "*".into(),
             publish: vec!["devices/%u/%c/#".into()],
             subscribe: vec!["inbox/%c".into()],
+            ..Default::default()
         }])
         .unwrap();
         assert!(acl
@@ -223,13 +269,75 @@ mod tests {
     }
 
     #[test]
+    fn denies_are_checked_before_any_grant_and_say_which_rule() {
+        let acl = Acl::new(vec![
+            AclRule {
+                identity: "*".into(),
+                publish: vec!["articulos/#".into()],
+                subscribe: vec!["articulos/#".into()],
+                ..Default::default()
+            },
+            AclRule {
+                identity: "subscriber".into(),
+                deny_publish: vec!["articulos/privado/#".into()],
+                deny_subscribe: vec!["articulos/privado/#".into(), "buzon/%c/#".into()],
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let denied = Decision::DeniedBy {
+            index: 1,
+            pattern: "articulos/privado/#".into(),
+        };
+        assert_eq!(
+            acl.check_publish("subscriber", "s", "articulos/privado/x"),
+            denied
+        );
+        assert!(!denied.allowed());
+        assert!(acl
+            .check_publish("subscriber", "s", "articulos/a/x")
+            .allowed());
+        // Another identity: the deny rule does not apply.
+        assert!(acl
+            .check_publish("otro", "o", "articulos/privado/x")
+            .allowed());
+        // A filter inside a denied pattern is refused; a wider one is granted, and
+        // the denied topics are hidden from it.
+        assert_eq!(
+            acl.check_subscribe("subscriber", "s", "articulos/privado/+"),
+            denied
+        );
+        assert!(acl
+            .check_subscribe("subscriber", "s", "articulos/#")
+            .allowed());
+        assert_eq!(
+            acl.hidden("subscriber", "s"),
+            ["articulos/privado/#", "buzon/s/#"]
+        );
+        assert!(acl.hidden("otro", "o").is_empty());
+        // A client id that would turn a deny into an invalid pattern denies it all.
+        assert_eq!(acl.hidden("subscriber", "#"), ["articulos/privado/#", "#"]);
+        assert!(!acl
+            .check_subscribe("subscriber", "#", "articulos/x")
+            .allowed());
+    }
+
+    #[test]
     fn invalid_patterns_are_named() {
         let err = Acl::new(vec![AclRule {
             identity: "x".into(),
             publish: vec!["ok/#".into(), "bad/#/x".into()],
             subscribe: vec![],
+            ..Default::default()
         }])
         .unwrap_err();
         assert!(err.contains("acl[0].publish[1]"), "{err}");
+        let err = Acl::new(vec![AclRule {
+            identity: "x".into(),
+            deny_subscribe: vec!["a/#/b".into()],
+            ..Default::default()
+        }])
+        .unwrap_err();
+        assert!(err.contains("acl[0].deny_subscribe[0]"), "{err}");
     }
 }

@@ -11,6 +11,7 @@ use crate::protocol::{Outbound, TooLargeForClient};
 use crate::routing::fanout::Handed;
 use crate::store::Sent;
 use bytes::Bytes;
+use mqtt_common::topic;
 use std::collections::{HashSet, VecDeque};
 use std::time::SystemTime;
 use tracing::warn;
@@ -128,9 +129,16 @@ impl Session {
         }
     }
 
+    /// Whether the ACL's `deny_subscribe` keeps `topic` from this client: a wider
+    /// subscription was granted without it.
+    pub(super) fn is_hidden(&self, topic: &str) -> bool {
+        self.hidden.iter().any(|p| topic::matches(p, topic))
+    }
+
     /// The message as this session delivers it: QoS min(published, granted), retain
     /// as its subscriptions ask, subscription identifiers, expiry lowered. None when no
-    /// subscription matches, it expired, or (`dedupe`) it arrived before.
+    /// subscription matches, the ACL hides its topic, it expired, or (`dedupe`) it
+    /// arrived before.
     pub(super) fn prepare(
         &mut self,
         topic: String,
@@ -139,6 +147,9 @@ impl Session {
         dedupe: bool,
     ) -> Option<Message> {
         let matched = matching(&self.subs, &topic, envelope.origin == self.id)?;
+        if self.is_hidden(&topic) {
+            return None;
+        }
         // Overlapping filters: the router sends one copy per filter; deliver one.
         if dedupe && matched.count > 1 && !self.recent.insert(envelope.id) {
             return None;

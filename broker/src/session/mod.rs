@@ -125,6 +125,9 @@ pub(crate) struct Session {
     denials: Denials,
     /// The ACL generation the subscriptions were last checked against.
     acl_generation: u64,
+    /// Topics the ACL's `deny_subscribe` keeps from this client, whatever it
+    /// subscribed to; checked on every delivery when not empty.
+    hidden: Vec<String>,
     /// What this session last added to the shared gauges.
     reported: Reported,
     /// A retained QoS 1/2 message was stored: flush the store before acknowledging.
@@ -149,6 +152,7 @@ impl Session {
         inbox: Inbox,
     ) -> Self {
         let config = &shared.config.session;
+        let hidden = shared.policy.acl().hidden(&key.identity, &key.client_id);
         let limits = Limits {
             max_inflight: config.max_inflight,
             max_queued: config.max_queued,
@@ -181,6 +185,7 @@ impl Session {
             recent: RecentIds::default(),
             denials: Denials::default(),
             acl_generation: 0,
+            hidden,
             reported: Reported::default(),
             needs_sync: false,
             dropped: 0,

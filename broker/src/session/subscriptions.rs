@@ -163,6 +163,9 @@ impl Session {
             .map_err(|_| Close::RouterUnavailable)?;
         for (filter, granted) in wanted_retained {
             for mut message in self.shared.retained.matching(&filter) {
+                if self.is_hidden(&message.topic) {
+                    continue;
+                }
                 message.qos = message.qos.min(granted);
                 message.retain = true;
                 if let Some(id) = id {
@@ -244,6 +247,7 @@ impl Session {
         }
         self.acl_generation = generation;
         let acl = self.shared.policy.acl();
+        self.hidden = acl.hidden(&self.key.identity, &self.key.client_id);
         let revoked: Vec<String> = self
             .subs
             .keys()

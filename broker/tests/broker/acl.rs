@@ -249,3 +249,182 @@ async fn will_to_a_dollar_topic_is_refused_even_without_rules() {
     assert_will_refused(&broker, "publisher", "$SYS/broker/version", true).await;
     broker.shutdown().await;
 }
+
+/// Everything under `articulos/#` except `articulos/privado/#`.
+const DENY_RULES: &str = r##"
+[[acl]]
+identity = "*"
+deny_publish = ["articulos/privado/#"]
+deny_subscribe = ["articulos/privado/#"]
+[[acl]]
+identity = "publisher"
+publish = ["articulos/#"]
+[[acl]]
+identity = "subscriber"
+subscribe = ["articulos/#"]
+"##;
+
+#[tokio::test]
+async fn deny_rules_win_over_grants_for_publish_and_subscribe() {
+    let (broker, _) = TestBroker::start_from_file(DENY_RULES).await;
+    let mut wide = broker.client("subscriber", "todo").await;
+    assert_eq!(
+        wide.subscribe("articulos/#", QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "a wider filter is granted, without the denied topics"
+    );
+    // A filter inside the denied topics is refused (3.1.1: 0x80).
+    let mut nosy = broker.client("subscriber", "fisgon").await;
+    assert_eq!(
+        nosy.subscribe("articulos/privado/+", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    wait_for_log(&[
+        "WARN",
+        "denied: not authorized",
+        "identity=subscriber",
+        "client_id=fisgon",
+        "action=subscribe",
+        "topic=articulos/privado/+",
+    ])
+    .await;
+
+    // Publishing there is denied although `articulos/#` is granted: dropped, logged.
+    let mut publ = broker.client("publisher", "redactor").await;
+    publ.publish(
+        "articulos/privado/nomina",
+        b"secreto",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    wait_for_log(&[
+        "WARN",
+        "denied: not authorized",
+        "identity=publisher",
+        "client_id=redactor",
+        "action=publish",
+        "topic=articulos/privado/nomina",
+    ])
+    .await;
+    // Everything else flows, to the wide subscriber too.
+    publ.publish("articulos/publico/futbol", b"gol", QoS::AtLeastOnce, false)
+        .await;
+    let p = wide.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("articulos/publico/futbol", &b"gol"[..])
+    );
+    wide.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_granted_wide_subscription_never_delivers_denied_topics() {
+    // The publisher may publish under privado (only subscribers are kept out).
+    let rules = r##"
+[[acl]]
+identity = "subscriber"
+subscribe = ["articulos/#"]
+deny_subscribe = ["articulos/privado/#", "articulos/%c/borradores"]
+[[acl]]
+identity = "publisher"
+publish = ["articulos/#"]
+"##;
+    let (broker, _) = TestBroker::start_from_file(rules).await;
+    let mut wide = broker.client("subscriber", "lector").await;
+    wide.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    let mut publ = broker.client("publisher", "redactor").await;
+    // Retained: not sent on a later subscribe either.
+    publ.publish(
+        "articulos/privado/nomina",
+        b"secreto",
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await;
+    publ.publish(
+        "articulos/lector/borradores",
+        b"suyo",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    publ.publish(
+        "articulos/otro/borradores",
+        b"ajeno",
+        QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    let p = wide.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("articulos/otro/borradores", &b"ajeno"[..])
+    );
+    wide.expect_no_publish().await;
+    let mut late = broker.client("subscriber", "tarde").await;
+    late.subscribe("articulos/+/nomina", QoS::AtLeastOnce).await;
+    late.expect_no_publish().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn mqtt5_denied_subscribe_gets_not_authorized() {
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let (broker, _) = TestBroker::start_from_file(DENY_RULES).await;
+    let (mut c, _) = V5Client::connect(&broker, "subscriber", "v5-fisgon", |_, _| {}).await;
+    let mut sub = m5::Subscribe::new_many(
+        [
+            m5::Filter::new("articulos/+/futbol", Q5::AtLeastOnce),
+            m5::Filter::new("articulos/privado/#", Q5::AtLeastOnce),
+        ],
+        None,
+    );
+    sub.pkid = 5;
+    c.send(m5::Packet::Subscribe(sub)).await;
+    match c.recv().await {
+        m5::Packet::SubAck(a) => assert_eq!(
+            a.return_codes,
+            vec![
+                m5::SubscribeReasonCode::Success(Q5::AtLeastOnce),
+                m5::SubscribeReasonCode::NotAuthorized
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    broker.shutdown().await;
+}
+
+#[test]
+fn acl_check_names_the_rule_that_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, DENY_RULES).unwrap();
+    let check = |args: &[&str]| {
+        let out = std::process::Command::new(crate::process::BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["acl", "check"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = check(&["publisher", "publish", "articulos/privado/nomina"]);
+    assert!(
+        out.starts_with("deny: rule #1") && out.contains("\"articulos/privado/#\""),
+        "{out}"
+    );
+    let out = check(&["subscriber", "subscribe", "articulos/+/futbol"]);
+    assert!(out.starts_with("allow: rule #3"), "{out}");
+    let out = check(&["publisher", "subscribe", "articulos/#"]);
+    assert!(out.starts_with("deny: no rule grants"), "{out}");
+}
