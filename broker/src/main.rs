@@ -263,9 +263,16 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _guard = logging::init(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Listening before the broker says it is ready.
+        let stop = mqtt_common::signal::shutdown_signal();
         let handle = broker::start(config).await?;
         tokio::spawn(reload_on_sighup(handle.reloader()));
-        handle.run_until(shutdown_signal()).await;
+        handle
+            .run_until(async {
+                stop.await;
+                tracing::info!("signal received: shutting down");
+            })
+            .await;
         anyhow::Ok(())
     })?;
     Ok(())
@@ -280,9 +287,4 @@ async fn reload_on_sighup(reloader: broker::Reloader) {
         tracing::info!("SIGHUP: reloading the ACL and the TLS material");
         reloader.reload_all();
     }
-}
-
-async fn shutdown_signal() {
-    mqtt_common::signal::shutdown_signal().await;
-    tracing::info!("signal received: shutting down");
 }

@@ -72,11 +72,15 @@ pub fn init_logging(to_stderr: bool) {
     };
 }
 
-/// Completes on Ctrl-C (or SIGTERM). Shutdown is bounded (the publisher waits at most
-/// its drain timeout for acknowledgements), so no second signal is needed.
-pub async fn shutdown_signal() {
-    mqtt_common::signal::shutdown_signal().await;
-    tracing::info!("stopping");
+/// Completes on Ctrl-C (or SIGTERM), listened for from this call on (inside the
+/// runtime). Shutdown is bounded (the publisher waits at most its drain timeout for
+/// acknowledgements), so no second signal is needed.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let signal = mqtt_common::signal::shutdown_signal();
+    async move {
+        signal.await;
+        tracing::info!("stopping");
+    }
 }
 
 /// Parses a positive number of seconds, fractions allowed (`5`, `0.5`, `2.25`).

@@ -139,6 +139,25 @@ async fn binary_creates_pki_logs_to_file_and_stops_on_sigterm() {
 }
 
 #[test]
+fn a_sigterm_as_soon_as_it_listens_stops_it_cleanly() {
+    // The handler is installed before the broker says it listens: a SIGTERM right
+    // after that line is a clean stop, never the default action's kill.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    for _ in 0..10 {
+        let (mut child, _, _, _) = spawn_broker(&config);
+        let pid = child.0.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = child.0.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+#[test]
 fn bad_environment_override_is_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
