@@ -94,6 +94,16 @@ pub struct SessionConfig {
     pub max_keepalive_secs: u16,
     /// Published messages a session's inbox holds before their publishers wait for it.
     pub inbox: usize,
+    /// Subscriptions one session may hold; a SUBSCRIBE beyond is refused (5.0: 0x97).
+    pub max_subscriptions: usize,
+    /// Bytes of a topic name or filter, at most: a PUBLISH beyond closes the connection
+    /// (0x90), a SUBSCRIBE filter beyond is refused (0x8F).
+    pub max_topic_length: usize,
+    /// Levels of a topic name or filter, at most; beyond, as for `max_topic_length`.
+    pub max_topic_levels: usize,
+    /// The broker's Receive Maximum (MQTT 5, told in CONNACK): inbound QoS 2 messages a
+    /// client may have awaiting PUBREL; one more closes the connection (0x93).
+    pub receive_maximum: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +295,10 @@ impl Default for SessionConfig {
             in_memory: 1000,
             max_keepalive_secs: 3600,
             inbox: DEFAULT_INBOX,
+            max_subscriptions: 1000,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            receive_maximum: 1024,
         }
     }
 }
@@ -397,8 +411,20 @@ impl Config {
         if self.storage.cache_mb == 0 {
             return bad("storage.cache_mb", "must be at least 1");
         }
-        if self.session.inbox == 0 {
-            return bad("session.inbox", "must be at least 1");
+        let at_least_one = [
+            ("session.inbox", self.session.inbox),
+            ("session.max_subscriptions", self.session.max_subscriptions),
+            ("session.max_topic_length", self.session.max_topic_length),
+            ("session.max_topic_levels", self.session.max_topic_levels),
+            (
+                "session.receive_maximum",
+                self.session.receive_maximum.into(),
+            ),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
         if let Err(problem) = check_acl_rules(&self.acl) {
             return Err(ConfigError::Acl {
@@ -515,9 +541,16 @@ mod tests {
         let path = write(dir.path(), "[log]\nlevel = \"loud!!\"\n");
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
-        let path = write(dir.path(), "[session]\ninbox = 0\n");
-        let err = Config::load(&path).unwrap_err().to_string();
-        assert!(err.contains("session.inbox"), "{err}");
+        for key in [
+            "inbox",
+            "max_subscriptions",
+            "max_topic_levels",
+            "receive_maximum",
+        ] {
+            let path = write(dir.path(), &format!("[session]\n{key} = 0\n"));
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("session.{key}")), "{err}");
+        }
     }
 
     #[test]

@@ -196,6 +196,7 @@ pub(crate) mod reason {
     pub(crate) const TOPIC_NAME_INVALID: u8 = 0x90;
     pub(crate) const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub(crate) const PACKET_TOO_LARGE: u8 = 0x95;
+    pub(crate) const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub(crate) const QUOTA_EXCEEDED: u8 = 0x97;
     pub(crate) const DISCONNECT_WITH_WILL: u8 = 0x04;
 }

@@ -44,7 +44,7 @@ impl Session {
         }
         let properties = (info.version == Version::V5).then(|| ConnAckProperties {
             session_expiry_interval: None,
-            receive_max: None,
+            receive_max: Some(self.shared.config.session.receive_maximum),
             max_qos: None,
             retain_available: None,
             max_packet_size: Some(self.shared.config.listener.max_packet_size as u32),

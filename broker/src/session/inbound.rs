@@ -110,6 +110,9 @@ impl Session {
             let why = format!("invalid topic name {:?} in PUBLISH", message.topic);
             return Err(Close::violation(reason::TOPIC_NAME_INVALID, why));
         }
+        if let Some(why) = self.topic_over_limits(&message.topic) {
+            return Err(Close::violation(reason::TOPIC_NAME_INVALID, why));
+        }
         if message.qos == 2 && self.qos2_in.contains(&pkid) {
             // A resent QoS 2 PUBLISH we already routed: acknowledge only.
             let _ = self.send(Outbound::PubRec {
@@ -117,6 +120,14 @@ impl Session {
                 reason: reason::SUCCESS,
             });
             return Ok(());
+        }
+        let receive_maximum = self.shared.config.session.receive_maximum;
+        if message.qos == 2 && self.qos2_in.len() >= usize::from(receive_maximum) {
+            // MQTT-3.3.4-9: more than the Receive Maximum told in CONNACK.
+            let why = format!(
+                "more than {receive_maximum} QoS 2 messages awaiting PUBREL (session.receive_maximum)"
+            );
+            return Err(Close::violation(reason::RECEIVE_MAXIMUM_EXCEEDED, why));
         }
         self.shared.metrics.received(message.qos);
         let acl = self.shared.policy.acl();

@@ -97,10 +97,15 @@ impl Session {
         let mut codes = Vec::with_capacity(filters.len());
         let mut wanted_retained = Vec::new();
         for req in filters {
-            if !topic::valid_filter(&req.filter) {
+            let invalid = if topic::valid_filter(&req.filter) {
+                self.topic_over_limits(&req.filter)
+            } else {
+                Some("invalid topic filter".to_string())
+            };
+            if let Some(why) = invalid {
                 if let Some(c) = &self.conn {
                     warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
-                        filter = %req.filter, "subscribe refused: invalid topic filter");
+                        filter = %req.filter, "subscribe refused: {why}");
                 }
                 codes.push(if v5 {
                     reason::TOPIC_FILTER_INVALID
@@ -116,6 +121,20 @@ impl Session {
                 self.log_denial(Action::Subscribe, &req.filter);
                 codes.push(if v5 {
                     reason::NOT_AUTHORIZED
+                } else {
+                    reason::SUB_FAILURE_V4
+                });
+                continue;
+            }
+            let max = self.shared.config.session.max_subscriptions;
+            if self.subs.len() >= max && !self.subs.contains_key(&req.filter) {
+                if let Some(c) = &self.conn {
+                    warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
+                        filter = %req.filter, limit = max,
+                        "subscribe refused: the session holds as many subscriptions as it may (session.max_subscriptions)");
+                }
+                codes.push(if v5 {
+                    reason::QUOTA_EXCEEDED
                 } else {
                     reason::SUB_FAILURE_V4
                 });
@@ -240,6 +259,26 @@ impl Session {
     }
 
     /// After an ACL change, drops the subscriptions the new rules no longer grant.
+    /// Why a topic name or filter is over this broker's limits, if it is.
+    pub(super) fn topic_over_limits(&self, name: &str) -> Option<String> {
+        let limits = &self.shared.config.session;
+        let levels = name.split('/').count();
+        if name.len() > limits.max_topic_length {
+            Some(format!(
+                "topic of {} bytes; the limit is {} (session.max_topic_length)",
+                name.len(),
+                limits.max_topic_length
+            ))
+        } else if levels > limits.max_topic_levels {
+            Some(format!(
+                "topic of {levels} levels; the limit is {} (session.max_topic_levels)",
+                limits.max_topic_levels
+            ))
+        } else {
+            None
+        }
+    }
+
     pub(super) fn recheck_subscriptions(&mut self) {
         let generation = self.shared.policy.acl_generation();
         if generation == self.acl_generation {

@@ -9,6 +9,7 @@ mod durability;
 mod interop;
 mod layout;
 mod lifecycle;
+mod limits;
 mod messaging;
 mod observability;
 mod persistence;
