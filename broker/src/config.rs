@@ -104,6 +104,11 @@ pub struct SessionConfig {
     /// The broker's Receive Maximum (MQTT 5, told in CONNACK): inbound QoS 2 messages a
     /// client may have awaiting PUBREL; one more closes the connection (0x93).
     pub receive_maximum: u16,
+    /// Packets per second read from one connection, a second's worth of burst; beyond,
+    /// reading it waits (nothing is dropped). 0: no limit.
+    pub max_packets_per_sec: u64,
+    /// Bytes per second read from one connection, the same way. 0: no limit.
+    pub max_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +304,8 @@ impl Default for SessionConfig {
             max_topic_length: 1024,
             max_topic_levels: 32,
             receive_maximum: 1024,
+            max_packets_per_sec: 0,
+            max_bytes_per_sec: 0,
         }
     }
 }

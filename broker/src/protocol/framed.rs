@@ -35,6 +35,8 @@ pub(crate) struct Framed<R> {
     pub(crate) max_out: Option<u32>,
     /// Bytes read and written, for the metrics.
     counters: Option<(Counter, Counter)>,
+    /// Bytes read from the socket so far (the session's read budget is charged by it).
+    read_total: u64,
 }
 
 impl<R: AsyncRead + Unpin> Framed<R> {
@@ -53,6 +55,7 @@ impl<R: AsyncRead + Unpin> Framed<R> {
             max_in,
             max_out: None,
             counters: None,
+            read_total: 0,
         }
     }
 
@@ -69,6 +72,7 @@ impl<R: AsyncRead + Unpin> Framed<R> {
         match self.reader.read_buf(&mut self.rbuf).await? {
             0 => Err(ReadError::Closed),
             n => {
+                self.read_total += n as u64;
                 if let Some((read, _)) = &self.counters {
                     read.inc_by(n as u64);
                 }
@@ -141,6 +145,11 @@ impl<R: AsyncRead + Unpin> Framed<R> {
                 Ok(FirstPacket::UnsupportedProtocol(other))
             }
         }
+    }
+
+    /// Bytes read from the socket so far.
+    pub(crate) fn read_total(&self) -> u64 {
+        self.read_total
     }
 
     /// Reads the next packet; cancel-safe.

@@ -1,6 +1,8 @@
 //! The socket side of an attached session: the connection, who is on it, its keep
-//! alive, its will, and the topic aliases of both directions (MQTT 5).
+//! alive, its will, its read budget, and the topic aliases of both directions (MQTT 5).
 
+use super::throttle::Throttle;
+use crate::config::SessionConfig;
 use crate::message::{Message, Will};
 use crate::protocol::{Inbound, ReadError, Version};
 use crate::shared::registry::{Client, Conn};
@@ -8,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Duration, Instant};
+use tracing::warn;
 
 /// Topic aliases a client may set (MQTT 5).
 pub(super) const TOPIC_ALIAS_MAX: u16 = 64;
@@ -33,6 +36,8 @@ pub(super) struct Attachment {
     aliases_in: HashMap<u16, String>,
     /// Topic aliases we set towards the client, up to its Topic Alias Maximum.
     pub(super) aliases_out: OutAliases,
+    /// Its read budget (`max_packets_per_sec`, `max_bytes_per_sec`), if limited.
+    pub(super) throttle: Option<Throttle>,
     /// Its place under `max_connections`, released when the connection goes.
     _permit: OwnedSemaphorePermit,
 }
@@ -90,8 +95,18 @@ pub(super) enum AliasError {
 
 impl Attachment {
     /// The socket side of `client`, whose CONNECT was granted `keep_alive`.
-    pub(super) fn new(client: Client, client_id: String, keep_alive: Option<Duration>) -> Self {
+    pub(super) fn new(
+        client: Client,
+        client_id: String,
+        keep_alive: Option<Duration>,
+        limits: &SessionConfig,
+    ) -> Self {
         let info = client.info;
+        let throttle = Throttle::new(
+            limits.max_packets_per_sec,
+            limits.max_bytes_per_sec,
+            Instant::now(),
+        );
         Self {
             framed: client.framed,
             identity: client.identity,
@@ -107,7 +122,24 @@ impl Attachment {
                 Version::V5 => info.topic_alias_max,
                 Version::V311 => 0,
             }),
+            throttle,
             _permit: client.permit,
+        }
+    }
+
+    /// Whether the read budget is spent: packets already buffered wait too.
+    pub(super) fn over_budget(&mut self) -> bool {
+        // The clock is read only for a limited connection.
+        self.throttle
+            .as_mut()
+            .is_some_and(|t| t.delay(Instant::now()).is_some())
+    }
+
+    /// A packet was read: charged to the read budget.
+    pub(super) fn charge(&mut self, now: Instant) {
+        let read_total = self.framed.read_total();
+        if let Some(t) = self.throttle.as_mut() {
+            t.charge(read_total, now);
         }
     }
 
@@ -155,7 +187,18 @@ pub(super) async fn read_attached(
             c.framed.drained_below(READ_PAUSE / 2).await;
             None
         }
-        Some(c) => Some(c.framed.read().await),
+        Some(c) => {
+            if let Some(wait) = c.throttle.as_mut().and_then(|t| t.delay(Instant::now())) {
+                if let Some(t) = c.throttle.as_mut().filter(|t| !t.slowed) {
+                    t.slowed = true;
+                    warn!(identity = %c.identity, client_id = %c.client_id, addr = %c.addr,
+                        "client slowed down: over its read budget (session.max_packets_per_sec, max_bytes_per_sec); nothing is dropped");
+                }
+                tokio::time::sleep(wait).await;
+                return None;
+            }
+            Some(c.framed.read().await)
+        }
         None => std::future::pending().await,
     }
 }

@@ -86,6 +86,7 @@ impl Session {
             client,
             self.key.client_id.clone(),
             keep_alive,
+            &self.shared.config.session,
         ));
 
         // Unacknowledged messages go again, in their original order, marked DUP.

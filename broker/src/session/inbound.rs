@@ -27,8 +27,9 @@ impl Session {
                 self.close(close).await;
                 return;
             }
-            if i == BATCH {
-                // The rest stays buffered for the next turn of the loop.
+            if i == BATCH || self.conn.as_mut().is_some_and(|c| c.over_budget()) {
+                // The rest stays buffered for the next turn of the loop (after the
+                // read budget's wait, if that is why).
                 break;
             }
             next = match self.conn.as_mut().map(|c| c.framed.try_read()) {
@@ -43,7 +44,9 @@ impl Session {
     /// Handles one packet; `Err` when the connection is to end.
     async fn on_packet(&mut self, packet: Inbound) -> Result<(), Close> {
         if let Some(c) = &mut self.conn {
-            c.last_seen = Instant::now();
+            let now = Instant::now();
+            c.last_seen = now;
+            c.charge(now);
         }
         match packet {
             Inbound::Publish {

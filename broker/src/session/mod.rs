@@ -35,6 +35,7 @@ mod publish;
 mod spool;
 mod subscriptions;
 mod telemetry;
+mod throttle;
 
 pub(crate) use driver::run;
 pub(crate) use persistence::restored;

@@ -161,3 +161,41 @@ async fn more_qos2_messages_than_the_receive_maximum_get_0x93() {
     still_served(&broker, &mut watcher).await;
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_over_its_read_budget_is_slowed_and_loses_nothing() {
+    const RATE: usize = 100;
+    const SENT: usize = 4 * RATE;
+    let broker = TestBroker::start_with(|c| c.session.max_packets_per_sec = RATE as u64).await;
+    let mut watcher = bystander(&broker, "vigia").await;
+    let mut noisy = broker.client("publisher", "ruidoso").await;
+    let started = std::time::Instant::now();
+    for i in 0..SENT {
+        let p = v4::Publish::new("articulos/ruido/futbol", QoS::AtMostOnce, format!("{i}"));
+        noisy.send(Packet::Publish(p)).await;
+    }
+    // A quiet publisher meanwhile: through at once, ahead of most of the noise.
+    let mut quiet = broker.client("publisher", "tranquilo").await;
+    quiet
+        .publish("articulos/calma/futbol", b"calma", QoS::AtLeastOnce, false)
+        .await;
+    let mut noise = Vec::new();
+    let mut quiet_after = None;
+    while noise.len() < SENT {
+        let p = watcher.next_publish().await;
+        if p.topic == "articulos/calma/futbol" {
+            quiet_after = Some(noise.len());
+        } else {
+            noise.push(String::from_utf8(p.payload.to_vec()).unwrap());
+        }
+    }
+    let took = started.elapsed();
+    // A second's worth at once, the rest at the rate: about 3 s; all of it, in order.
+    assert!(took >= std::time::Duration::from_millis(2500), "{took:?}");
+    let expected: Vec<String> = (0..SENT).map(|i| i.to_string()).collect();
+    assert_eq!(noise, expected);
+    let quiet_after = quiet_after.expect("the quiet publisher's message");
+    assert!(quiet_after < SENT / 2, "behind {quiet_after} of the noise");
+    wait_for_log(&["WARN", "client slowed down", "client_id=ruidoso"]).await;
+    broker.shutdown().await;
+}
