@@ -8,6 +8,9 @@
 
 mod config;
 mod edge;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod message;
 mod operations;

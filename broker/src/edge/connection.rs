@@ -228,6 +228,17 @@ fn admit(
     }
 }
 
+/// `admit` for the fuzz targets (the crate's `fuzzing` module): the CONNACK code and
+/// the reason.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn admit_for_fuzzing(
+    info: &mut ConnectInfo,
+    identity: &str,
+    acl: &Acl,
+) -> Result<bool, (ConnectCode, String)> {
+    admit(info, identity, acl, || 1).map_err(|r| (r.code, r.why.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

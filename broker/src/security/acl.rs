@@ -155,7 +155,7 @@ impl Acl {
 /// A deny pattern with `%u` and `%c` replaced whatever they hold; `#` (everything)
 /// when that leaves no valid pattern.
 fn deny_pattern(pattern: &str, identity: &str, client_id: &str) -> String {
-    let p = pattern.replace("%u", identity).replace("%c", client_id);
+    let p = fill(pattern, identity, client_id, |_| true).unwrap_or_default();
     if topic::valid_filter(&p) {
         p
     } else {
@@ -167,14 +167,47 @@ fn deny_pattern(pattern: &str, identity: &str, client_id: &str) -> String {
 /// pattern makes the pattern not apply, so an identity or client id can never widen
 /// its own grant.
 fn substitute(pattern: &str, identity: &str, client_id: &str) -> Option<String> {
-    let unsafe_value = |v: &str| v.contains(['/', '+', '#']) || v.is_empty();
-    if pattern.contains("%u") && unsafe_value(identity) {
+    let safe = |v: &str| !(v.contains(['/', '+', '#']) || v.is_empty());
+    let out = fill(pattern, identity, client_id, safe)?;
+    // Nor may a value make the pattern a `$` one: client id `$SYS` in `%c/#` granted
+    // `$SYS/#`, and `$share` in `%c/g/#` would grant `#` (fuzz target `acl`).
+    if out.starts_with('$') && !pattern.starts_with('$') {
         return None;
     }
-    if pattern.contains("%c") && unsafe_value(client_id) {
-        return None;
+    Some(out)
+}
+
+/// `%u` and `%c` replaced in one pass from the left: a value put in is never read
+/// again as a pattern, so an identity holding `%c` cannot pull in the client id (fuzz
+/// target `acl`: identity `aa%caaaa` widened `a/%uaaaa`). None when `accept` refuses
+/// a value.
+fn fill(
+    pattern: &str,
+    identity: &str,
+    client_id: &str,
+    accept: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let value = match rest.as_bytes().get(at + 1) {
+            Some(b'u') => identity,
+            Some(b'c') => client_id,
+            _ => {
+                out.push('%');
+                rest = &rest[at + 1..];
+                continue;
+            }
+        };
+        if !accept(value) {
+            return None;
+        }
+        out.push_str(value);
+        rest = &rest[at + 2..];
     }
-    Some(pattern.replace("%u", identity).replace("%c", client_id))
+    out.push_str(rest);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -266,6 +299,45 @@ mod tests {
         assert!(!acl
             .check_publish("sensor", "a/b", "devices/sensor/a/b/x")
             .allowed());
+    }
+
+    /// Fuzz finding (target `acl`): the identity was substituted, then the client id
+    /// into the result, so an identity holding `%c` took the unchecked client id.
+    #[test]
+    fn a_substituted_value_is_not_substituted_again() {
+        let acl = Acl::new(vec![AclRule {
+            identity: "*".into(),
+            publish: vec!["a/%uaaaa".into(), "a/%u/#".into()],
+            subscribe: vec!["a/%u".into()],
+            ..Default::default()
+        }])
+        .unwrap();
+        assert!(!acl.check_publish("aa%caaaa", "a", "a/aaaaaaa").allowed());
+        assert!(acl
+            .check_publish("aa%caaaa", "a", "a/aa%caaaaaaaa")
+            .allowed());
+        // Before: `a/%c` then `a/#`, a grant of everything under `a/`.
+        assert!(!acl.check_subscribe("%c", "#", "a/#").allowed());
+        assert!(acl.check_subscribe("%c", "#", "a/%c").allowed());
+    }
+
+    /// Fuzz finding (target `acl`, minimised: identity `$`, pattern `%u`, topic `$`): a
+    /// value could turn a pattern into a `$` one, the broker's own or a shared filter.
+    #[test]
+    fn a_substituted_value_never_makes_a_dollar_pattern() {
+        let acl = Acl::new(vec![AclRule {
+            identity: "*".into(),
+            publish: vec!["%u".into(), "%c/g/#".into()],
+            subscribe: vec!["%c/#".into()],
+            ..Default::default()
+        }])
+        .unwrap();
+        assert!(!acl.check_publish("$", "c", "$").allowed());
+        assert!(!acl
+            .check_subscribe("s", "$SYS", "$SYS/broker/uptime")
+            .allowed());
+        assert!(!acl.check_publish("p", "$share", "otros/x").allowed());
+        assert!(acl.check_subscribe("s", "c1", "c1/x").allowed());
     }
 
     #[test]

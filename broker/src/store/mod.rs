@@ -4,6 +4,8 @@
 //! says how each is written.
 
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 mod index;
 mod queues;
 mod records;

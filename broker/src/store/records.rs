@@ -275,7 +275,15 @@ const RETAIN: u8 = 0b1000;
 
 pub(super) fn encode_queued(q: &QueuedMessage) -> Bytes {
     let m = &q.message;
-    let props = m.properties.as_ref().map(encode_properties);
+    // Empty properties are written as none, as `encode` does: they read back as none,
+    // and a record whose properties do not read back is damaged (fuzz target
+    // `records`: an MQTT 5 PUBLISH with only a Topic Alias leaves them empty, and its
+    // queued record was unreadable after a restart).
+    let props = m
+        .properties
+        .as_ref()
+        .filter(|p| **p != PublishProperties::default())
+        .map(encode_properties);
     let props_len = props.as_ref().map_or(0, |p| p.len());
     let mut buf = BytesMut::with_capacity(30 + props_len + m.topic.len() + m.payload.len());
     buf.put_u8(RECORD_VERSION);
@@ -561,6 +569,29 @@ pub(super) mod tests {
             assert_eq!(decode_batch(&encoded[..cut]), None, "{cut} bytes");
         }
         assert_eq!(decode_batch(&[2, 0]), None);
+    }
+
+    /// Fuzz finding (target `records`, input `01 0b 03 61 2f 62 02 68 69 ff…`): a
+    /// queued message with present but empty properties, as a PUBLISH carrying only a
+    /// Topic Alias leaves them, was written unreadable.
+    #[test]
+    fn a_queued_message_with_empty_properties_reads_back() {
+        let q = QueuedMessage {
+            message: Message {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"hi"),
+                qos: 2,
+                retain: true,
+                properties: Some(PublishProperties::default()),
+            },
+            origin: 0xffff_ffff,
+            received_at: 0xffff_ffff << 20,
+            recipients: vec![(u64::from(u32::MAX), u64::from(u32::MAX))],
+        };
+        let back = decode_queued(encode_queued(&q)).expect("readable");
+        assert_eq!(back.message.properties, None);
+        assert_eq!(back.message.payload, q.message.payload);
+        assert_eq!(back.recipients, q.recipients);
     }
 
     #[test]
