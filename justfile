@@ -62,3 +62,7 @@ container-test: container-deps image
 # The systemd unit as systemd reads it (systemd-analyze verify and security)
 unit-check:
     cargo test -p broker --test broker deploy::systemd -- --nocapture
+
+# Run a fuzz target (fuzz/, cargo-fuzz on stable through RUSTC_BOOTSTRAP) for SECONDS: `just fuzz packet_v5 600`
+fuzz TARGET SECONDS:
+    RUSTC_BOOTSTRAP=1 cargo fuzz run {{TARGET}} -- -max_total_time={{SECONDS}}

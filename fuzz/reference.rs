@@ -64,7 +64,12 @@ pub fn inner(filter: &str) -> &str {
 /// possibly empty; `#` any number of levels, zero included (`a/#` matches `a`); a
 /// filter starting with a wildcard never matches a name starting with `$` (§4.7.2).
 pub fn matches(filter: &str, name: &str) -> bool {
-    let filter = inner(filter);
+    matches_literally(inner(filter), name)
+}
+
+/// `matches` with a `$share/<name>/` prefix taken as levels like any other, as
+/// `covers` takes it.
+pub fn matches_literally(filter: &str, name: &str) -> bool {
     let f: Vec<&str> = filter.split('/').collect();
     let t: Vec<&str> = name.split('/').collect();
     if name.starts_with('$') && (f[0] == "+" || f[0] == "#") {
