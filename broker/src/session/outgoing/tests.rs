@@ -1,3 +1,6 @@
+//! The outgoing engine's unit tests; compiled under `#[cfg(test)]` only (`mod tests` in
+//! outgoing.rs).
+
 use super::*;
 use crate::message::PublishProperties;
 use bytes::Bytes;

@@ -1,4 +1,5 @@
-//! The queues against a real sled store in a temporary directory.
+//! The queues against a real sled store in a temporary directory; compiled under
+//! `#[cfg(test)]` only (`mod tests` in queues.rs).
 
 use super::*;
 use crate::message::Message;
