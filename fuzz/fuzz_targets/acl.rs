@@ -101,6 +101,8 @@ fuzz_target!(|data: &[u8]| {
                     .into_iter()
                     .collect(),
                 subscribe: (grants & 2 == 0).then_some(pattern).into_iter().collect(),
+                // Grants only: the reference knows no deny rules.
+                ..Default::default()
             }
         })
         .collect();

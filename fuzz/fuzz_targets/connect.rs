@@ -22,6 +22,7 @@ fn acls() -> &'static [Acl; 3] {
             identity: identity.into(),
             publish: publish.iter().map(|p| p.to_string()).collect(),
             subscribe: vec!["articulos/#".into()],
+            ..Default::default()
         };
         [
             Acl::default(),
