@@ -404,19 +404,13 @@ fn acl_check_names_the_rule_that_decided() {
     let config = dir.path().join("broker.toml");
     std::fs::write(&config, DENY_RULES).unwrap();
     let check = |args: &[&str]| {
-        let out = std::process::Command::new(crate::process::BIN)
-            .arg("--config")
-            .arg(&config)
-            .args(["acl", "check"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let head = [
+            "--config".as_ref(),
+            config.as_os_str(),
+            "acl".as_ref(),
+            "check".as_ref(),
+        ];
+        crate::process::run_ok(head.into_iter().chain(args.iter().map(|a| a.as_ref())))
     };
     let out = check(&["publisher", "publish", "articulos/privado/nomina"]);
     assert!(

@@ -18,6 +18,22 @@ pub fn write_config(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Runs the broker binary with `args` to completion; its standard output, which the
+/// test fails on an unsuccessful exit, showing the standard error.
+pub fn run_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// A broker process, killed if a test fails before it exits.
 pub struct Running(pub Child);
 
@@ -206,18 +222,12 @@ fn certs_subcommand_writes_and_keeps() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("pki");
     let run = |extra: &[&str]| {
-        let out = Command::new(BIN)
-            .args(["certs", "--dir"])
-            .arg(&certs)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        let dir = certs.as_os_str();
+        run_ok(
+            ["certs".as_ref(), "--dir".as_ref(), dir]
+                .into_iter()
+                .chain(extra.iter().map(|a| a.as_ref())),
+        )
     };
     let first = run(&["--san", "mqtt.example.org"]);
     assert!(
