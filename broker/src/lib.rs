@@ -6,6 +6,7 @@
 //! [`Handle`], reload it, and the development PKI, ACL and logging helpers.
 #![warn(unreachable_pub)]
 
+mod bridge;
 mod config;
 mod edge;
 #[cfg(feature = "fuzzing")]
@@ -24,8 +25,9 @@ mod store;
 mod telemetry;
 
 pub use config::{
-    AclRule, Config, ConfigError, ListenerConfig, LogConfig, LogFormat, MetricsConfig,
-    OnCorruption, QueueFull, SessionConfig, StorageConfig, SyncMode, TlsConfig,
+    AclRule, BridgeConfig, BridgeProtocol, BridgeTopic, Config, ConfigError, Direction,
+    ListenerConfig, LogConfig, LogFormat, MetricsConfig, OnCorruption, QueueFull, SessionConfig,
+    StorageConfig, SyncMode, TlsConfig,
 };
 pub use operations::endpoint::EndpointError;
 pub use operations::health;

@@ -2,6 +2,7 @@
 //! persistent sessions, binds the listener and starts the tasks beside it. The top of
 //! the module graph: it wires the parts together, and nothing imports it.
 
+use crate::bridge::{self, BridgeControl};
 use crate::config::Config;
 use crate::edge::listener;
 use crate::ids::{Ids, SessionKey};
@@ -57,6 +58,8 @@ pub struct Handle {
     metrics_addr: Option<SocketAddr>,
     /// Set to true to stop.
     stop: watch::Sender<bool>,
+    /// The bridges in force, for reloads.
+    bridges: BridgeControl,
     /// The accept loop, which ends once every session has closed.
     task: JoinHandle<()>,
     shared: Arc<Shared>,
@@ -75,7 +78,7 @@ impl Handle {
 
     /// Something that reloads the ACL, for signal handlers and watchers.
     pub fn reloader(&self) -> Reloader {
-        Reloader::new(self.shared.clone())
+        Reloader::new(self.shared.clone(), self.bridges.clone())
     }
 
     /// Stops accepting, closes every session, and returns when they are closed.
@@ -155,8 +158,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         info!(addr = %addr, "serving Prometheus metrics on /metrics");
     }
     check_expiry(&shared.config.tls);
+    // Before the first client is accepted: each bridge's local session holds its
+    // subscriptions by then, so what goes out is queued from the first message.
+    let bridges = bridge::start(shared.clone(), stopped.clone()).await;
     tokio::spawn(reload::watch(
-        Reloader::new(shared.clone()),
+        Reloader::new(shared.clone(), bridges.clone()),
         stopped.clone(),
     ));
     let task = tokio::spawn(listener::accept_loop(listener, shared.clone(), stopped));
@@ -164,6 +170,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         local_addr,
         metrics_addr,
         stop,
+        bridges,
         task,
         shared,
     })

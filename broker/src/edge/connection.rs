@@ -2,6 +2,7 @@
 //! own task under a timeout, identity from the certificate, CONNECT under a timeout.
 //! Every refusal is logged once, at WARN, with the address and the reason.
 
+use crate::config::LOCAL_CLIENT_PREFIX;
 use crate::ids::SessionKey;
 use crate::protocol::{
     ConnectCode, ConnectInfo, FirstPacket, Framed, Outbound, ReadError, Version,
@@ -10,7 +11,7 @@ use crate::security::acl::{Acl, Action};
 use crate::security::refusal::Refusal;
 use crate::security::tls;
 use crate::session;
-use crate::shared::registry::{Attached, Client, TlsStream};
+use crate::shared::registry::{Client, Reader, TlsStream};
 use crate::shared::Shared;
 use crate::telemetry::metrics::Metrics;
 use mqtt_common::topic;
@@ -72,7 +73,7 @@ pub(crate) async fn handle(
         .map(tls::raw_serial)
         .unwrap_or_default();
     let (reader, writer) = tokio::io::split(tls);
-    let mut framed = Framed::new(reader, writer, listener.max_packet_size);
+    let mut framed = Framed::new(Box::new(reader) as Reader, writer, listener.max_packet_size);
     framed.count_bytes(metrics.bytes_received.clone(), metrics.bytes_sent.clone());
     let refuse = |why: Refusal| log_refusal(metrics, addr, Some(&identity), None, &why);
     let first = match timeout(listener.connect_timeout(), framed.read_connect()).await {
@@ -133,19 +134,9 @@ pub(crate) async fn handle(
         addr,
         assigned_id,
         permit,
+        limits: None,
     });
-    let new_id = shared.ids.next();
-    if let Attached::New { client, id, rx } = shared.registry.attach(key.clone(), client, new_id) {
-        // A task of its own rather than awaited here: this task's state was sized for
-        // the TLS handshake, which an idle connection would otherwise carry for life.
-        tokio::spawn(session::run(
-            shared.clone(),
-            key,
-            id,
-            session::Start::Client(client),
-            rx,
-        ));
-    }
+    session::hand_over(&shared, key, client);
 }
 
 async fn handshake(tcp: TcpStream, shared: &Shared) -> Result<TlsStream, Refusal> {
@@ -201,6 +192,14 @@ fn admit(
                 why: Refusal::BadConnect("empty client id without clean session".into()),
             });
         }
+    }
+    if info.client_id.starts_with(LOCAL_CLIENT_PREFIX) {
+        rejection = Some(Rejection {
+            code: ConnectCode::ClientIdRejected,
+            why: Refusal::BadConnect(format!(
+                "client ids beginning with {LOCAL_CLIENT_PREFIX} belong to the broker's bridges"
+            )),
+        });
     }
     if let Some(will) = &info.will {
         let topic = &will.message.topic;
@@ -296,6 +295,12 @@ mod tests {
         );
         let mut info = connect("pub-1", false, None);
         assert!(!admit(&mut info, "publisher", &acl(), || unreachable!()).unwrap());
+        // A bridge's local session cannot be taken over from the network.
+        let mut info = connect("$bridge/cloud", false, None);
+        assert_eq!(
+            code(admit(&mut info, "publisher", &acl(), || 7)),
+            Some(ConnectCode::ClientIdRejected)
+        );
     }
 
     #[test]

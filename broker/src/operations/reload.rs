@@ -1,8 +1,10 @@
-//! What changes while the broker runs: the ACL and the TLS material (CA, certificate,
-//! key, CRL), reloaded on SIGHUP and when their files change. The watcher also runs the
+//! What changes while the broker runs: the ACL and the `[[bridge]]` sections of the
+//! configuration file, and the TLS material (CA, certificate, key, CRL), reloaded on
+//! SIGHUP and when their files change. The watcher also runs the
 //! daily certificate checks (`certificates`).
 
 use super::certificates::{check_expiry, renew_if_due};
+use crate::bridge::BridgeControl;
 use crate::config::Config;
 use crate::security::acl::Acl;
 use crate::security::{pki, tls};
@@ -19,15 +21,16 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often expiry is checked (and the broker's certificate renewed when due).
 const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 3600);
 
-/// Reloads the ACL and the TLS material of a running broker.
+/// Reloads the ACL, the bridges and the TLS material of a running broker.
 #[derive(Clone)]
 pub struct Reloader {
     shared: Arc<Shared>,
+    bridges: BridgeControl,
 }
 
 impl Reloader {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(shared: Arc<Shared>, bridges: BridgeControl) -> Self {
+        Self { shared, bridges }
     }
 
     /// Everything a SIGHUP reloads.
@@ -36,25 +39,29 @@ impl Reloader {
         self.reload_tls();
     }
 
-    /// Loads the configuration file again and swaps in its ACL; an invalid file keeps
-    /// the rules in force and says why.
+    /// Loads the configuration file again and swaps in its ACL and its bridges; an
+    /// invalid file (a bad `[[bridge]]` section included) keeps both in force and says
+    /// why, naming the section.
     pub fn reload_acl(&self) {
         let Some(path) = self.shared.config.source.clone() else {
             return;
         };
-        match Config::load(&path).map(|c| Acl::new(c.acl)) {
-            Ok(Ok(acl)) => {
-                let rules = acl.rules().len();
-                self.shared.policy.set_acl(acl);
-                info!(file = %path.display(), rules, "ACL reloaded");
-            }
-            Ok(Err(e)) => {
-                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
-            }
-            Err(e) => {
-                error!(file = %path.display(), error = %e, "ACL reload failed; the previous rules stay in force")
-            }
-        }
+        let refused = |e: &dyn std::fmt::Display| {
+            error!(file = %path.display(), error = %e,
+                "configuration reload failed; the previous ACL and bridges stay in force")
+        };
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(e) => return refused(&e),
+        };
+        let acl = match Acl::new(config.acl) {
+            Ok(acl) => acl,
+            Err(e) => return refused(&e),
+        };
+        let rules = acl.rules().len();
+        self.shared.policy.set_acl(acl);
+        info!(file = %path.display(), rules, bridges = config.bridge.len(), "ACL and bridges reloaded");
+        self.bridges.apply(config.bridge);
     }
 
     /// Loads the TLS files again for new handshakes; live connections stay up, except

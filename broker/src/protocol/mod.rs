@@ -15,3 +15,4 @@ pub(crate) use packet::{
     SubRequest, TooLargeForClient, Version,
 };
 pub(crate) use properties::{decode_properties, encode_properties};
+pub(crate) use writer::{Drain, Writer};

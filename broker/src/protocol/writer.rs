@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
-pub(super) struct Writer {
+pub(crate) struct Writer {
     /// Encoded batches for the task; `None` closes the socket after what came before.
     tx: mpsc::UnboundedSender<Option<Bytes>>,
     /// Bytes handed to the task and not yet written.
@@ -17,10 +17,10 @@ pub(super) struct Writer {
 }
 
 /// The task has ended: the socket is broken or closed.
-pub(super) struct Gone;
+pub(crate) struct Gone;
 
 impl Writer {
-    pub(super) fn spawn<W: AsyncWrite + Unpin + Send + 'static>(mut writer: W) -> Self {
+    pub(crate) fn spawn<W: AsyncWrite + Unpin + Send + 'static>(mut writer: W) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Option<Bytes>>();
         let pending = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(Notify::new());
@@ -48,27 +48,49 @@ impl Writer {
     }
 
     /// Hands `data` to the task.
-    pub(super) fn send(&self, data: Bytes) -> Result<(), Gone> {
+    pub(crate) fn send(&self, data: Bytes) -> Result<(), Gone> {
         let len = data.len();
         self.pending.fetch_add(len, Ordering::AcqRel);
         self.tx.send(Some(data)).map_err(|_| Gone)
     }
 
     /// Closes the socket once everything handed over is written.
-    pub(super) fn close(&self) {
+    pub(crate) fn close(&self) {
         let _ = self.tx.send(None);
     }
 
     /// Bytes handed over and not yet on the socket.
-    pub(super) fn unwritten(&self) -> usize {
+    pub(crate) fn unwritten(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
 
     /// Returns once fewer than `limit` bytes wait to be written.
-    pub(super) async fn drained_below(&self, limit: usize) {
+    pub(crate) async fn drained_below(&self, limit: usize) {
+        self.drain().below(limit).await
+    }
+
+    /// A handle that waits for the writes to drain, apart from the writer.
+    pub(crate) fn drain(&self) -> Drain {
+        Drain {
+            pending: self.pending.clone(),
+            drained: self.drained.clone(),
+        }
+    }
+}
+
+/// Waits for a writer's backlog to shrink, without borrowing the writer.
+#[derive(Clone)]
+pub(crate) struct Drain {
+    pending: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl Drain {
+    /// Returns once fewer than `limit` bytes wait to be written.
+    pub(crate) async fn below(&self, limit: usize) {
         loop {
             let drained = self.drained.notified();
-            if self.unwritten() < limit {
+            if self.pending.load(Ordering::Acquire) < limit {
                 return;
             }
             drained.await;

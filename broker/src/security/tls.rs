@@ -198,7 +198,7 @@ fn serial_hex(der: &CertificateDer<'_>) -> String {
     raw_serial(der).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     if !path.is_file() {
         return Err(file_error(path, "file not found"));
     }

@@ -81,6 +81,10 @@ impl Session {
             "client connected"
         );
         let receive_max = info.receive_maximum;
+        if let Some(l) = client.limits {
+            self.outgoing
+                .set_limits(l.max_inflight, l.max_queued, l.max_queued_bytes);
+        }
         let keep_alive = (keep_alive > 0).then(|| Duration::from_secs(keep_alive.into()));
         self.conn = Some(Attachment::new(
             client,

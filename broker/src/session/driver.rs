@@ -9,7 +9,7 @@ use super::{attachment::read_attached, Session, Start};
 use crate::ids::SessionKey;
 use crate::protocol::{ConnectCode, Outbound};
 use crate::routing::fanout::{self, Handed};
-use crate::shared::registry::{Client, Control};
+use crate::shared::registry::{Attached, Client, Control};
 use crate::shared::Shared;
 use rumqttd::local::LinkError;
 use rumqttd::Notification;
@@ -36,6 +36,17 @@ enum Exit {
     Ended,
     /// The broker is stopping: a persistent session is saved with its queue.
     Shutdown,
+}
+
+/// Hands an accepted connection to its live session, or starts one for it.
+pub(crate) fn hand_over(shared: &Arc<Shared>, key: SessionKey, client: Box<Client>) {
+    let new_id = shared.ids.next();
+    if let Attached::New { client, id, rx } = shared.registry.attach(key.clone(), client, new_id) {
+        // A task of its own rather than awaited by the caller: a connection's task
+        // was sized for the TLS handshake, which an idle session would otherwise
+        // carry for life.
+        tokio::spawn(run(shared.clone(), key, id, Start::Client(client), rx));
+    }
 }
 
 /// Runs a session until it ends, then unregisters it.

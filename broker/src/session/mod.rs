@@ -37,9 +37,10 @@ mod subscriptions;
 mod telemetry;
 mod throttle;
 
-pub(crate) use driver::run;
+pub(crate) use driver::{hand_over, run};
 pub(crate) use persistence::restored;
 
+use crate::config::LOCAL_CLIENT_PREFIX;
 use crate::ids::SessionKey;
 use crate::message::{Message, Will};
 use crate::protocol::SessionExpiry;
@@ -47,6 +48,7 @@ use crate::routing::fanout::{Delivery, Inbox, Outbox};
 use crate::shared::registry::{Client, Control};
 use crate::shared::Shared;
 use crate::store::{Mark, QueueState, SessionRecord};
+use crate::telemetry::bridges::BridgeMetrics;
 use attachment::Attachment;
 use delivery::RecentIds;
 use link::RouterLink;
@@ -141,6 +143,8 @@ pub(crate) struct Session {
     sys: watch::Receiver<Arc<Vec<Message>>>,
     /// A will waiting for its Will Delay Interval (MQTT 5).
     pending_will: Option<(Instant, Will)>,
+    /// The series of the bridge this session is the local side of, if any.
+    bridge: Option<Box<BridgeMetrics>>,
 }
 
 impl Session {
@@ -154,13 +158,28 @@ impl Session {
     ) -> Self {
         let config = &shared.config.session;
         let hidden = shared.policy.acl().hidden(&key.identity, &key.client_id);
-        let limits = Limits {
+        let mut limits = Limits {
             max_inflight: config.max_inflight,
             max_queued: config.max_queued,
             max_queued_bytes: config.max_queued_bytes,
             queue_full: config.queue_full,
             in_memory: config.in_memory,
         };
+        // A bridge's local session: its section's limits and series from the start
+        // (restored sessions begin before the bridge attaches).
+        let bridge =
+            shared.config.bridge.iter().find(|b| {
+                b.local_client_id() == key.client_id && b.local_identity() == key.identity
+            });
+        if let Some(b) = bridge {
+            limits.max_inflight = b.max_inflight;
+            limits.max_queued = b.max_queued;
+            limits.max_queued_bytes = b.max_queued_bytes;
+        }
+        let bridge = key
+            .client_id
+            .strip_prefix(LOCAL_CLIENT_PREFIX)
+            .map(|name| Box::new(shared.metrics.bridges.of(name)));
         Self {
             sys: shared.sys.subscribe(),
             outgoing: Outgoing::new(limits),
@@ -171,6 +190,7 @@ impl Session {
             qos2_routed: Vec::new(),
             full_since: None,
             pending_will: None,
+            bridge,
             inbox,
             outbox,
             deliveries: Vec::new(),

@@ -484,6 +484,28 @@ impl Outgoing {
         ids
     }
 
+    /// Sets the window and queue limits other than `[session]`'s (a bridge's).
+    pub(crate) fn set_limits(
+        &mut self,
+        max_inflight: u16,
+        max_queued: usize,
+        max_queued_bytes: u64,
+    ) {
+        self.limits.max_inflight = max_inflight;
+        self.limits.max_queued = max_queued;
+        self.limits.max_queued_bytes = max_queued_bytes;
+    }
+
+    /// Messages not yet acknowledged by the client: in flight and queued.
+    pub(crate) fn waiting(&self) -> usize {
+        self.inflight.len() + self.queued()
+    }
+
+    /// Bytes (topics and payloads) of those, in memory and on disk.
+    pub(crate) fn waiting_bytes(&self) -> u64 {
+        self.bytes + self.on_disk_bytes
+    }
+
     /// Messages queued, in memory and on disk (not those in flight).
     pub(crate) fn queued(&self) -> usize {
         self.queue.len() + self.on_disk.len() + self.behind_disk.len()

@@ -65,6 +65,15 @@ impl Session {
             .inc_by(subscriptions - self.reported.subscriptions);
         self.reported.queued = queued;
         self.reported.subscriptions = subscriptions;
+        if let Some(bridge) = &self.bridge {
+            let (messages, bytes) = if gone {
+                (0, 0)
+            } else {
+                (self.outgoing.waiting(), self.outgoing.waiting_bytes())
+            };
+            bridge.queued_messages.set(messages as i64);
+            bridge.queued_bytes.set(bytes as i64);
+        }
         let state = match (gone, self.conn.is_some()) {
             (true, _) => None,
             (false, true) => Some("online"),
@@ -103,6 +112,9 @@ impl Session {
     pub(super) fn drop_message(&mut self, topic: &str, why: &str) {
         self.dropped += 1;
         self.shared.metrics.dropped.inc();
+        if let Some(bridge) = &self.bridge {
+            bridge.dropped.inc();
+        }
         if self.dropped == 1 || self.dropped.is_multiple_of(1000) {
             warn!(identity = %self.key.identity, client_id = %self.key.client_id,
                 topic = %topic, dropped = self.dropped, "{why}");

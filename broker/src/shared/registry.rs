@@ -8,13 +8,23 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use tokio::io::ReadHalf;
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
 pub(crate) type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// The reading half of a client's connection: a TLS socket, or a bridge's in-memory pipe.
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
 /// A client's connection as a session reads it (its writes go to a writer task).
-pub(crate) type Conn = Framed<ReadHalf<TlsStream>>;
+pub(crate) type Conn = Framed<Reader>;
+
+/// Queue limits of one session other than `[session]`'s (a bridge's, from its section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SessionLimits {
+    pub(crate) max_inflight: u16,
+    pub(crate) max_queued: usize,
+    pub(crate) max_queued_bytes: u64,
+}
 
 /// An authenticated connection whose CONNECT was accepted, on its way to a session.
 pub(crate) struct Client {
@@ -29,6 +39,8 @@ pub(crate) struct Client {
     pub(crate) assigned_id: bool,
     /// Its place under `max_connections`, held while the connection lives.
     pub(crate) permit: OwnedSemaphorePermit,
+    /// Limits of its session other than `[session]`'s; None for network clients.
+    pub(crate) limits: Option<SessionLimits>,
 }
 
 /// Messages to a session task.
@@ -141,6 +153,15 @@ impl Registry {
             }
             notified.await;
         }
+    }
+
+    /// The keys of the live sessions whose client id starts with `prefix`.
+    pub(crate) fn keys_with_client_prefix(&self, prefix: &str) -> Vec<SessionKey> {
+        self.lock()
+            .keys()
+            .filter(|k| k.client_id.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Prometheus metrics: one registry per broker, rendered as text for `/metrics`
 //! (served by `operations::endpoint`).
 
+use super::bridges::BridgeFamilies;
 use crate::security::acl::Action;
 use crate::security::refusal::Refusal;
 use prometheus_client::encoding::text::encode;
@@ -43,6 +44,7 @@ pub(crate) struct Metrics {
     cert_expiry_days: Family<Labels, Gauge<f64, AtomicU64>>,
     pub(crate) storage_bytes: Gauge,
     pub(crate) flush_seconds: Histogram,
+    pub(crate) bridges: BridgeFamilies,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,7 @@ impl Metrics {
             cert_expiry_days: Family::default(),
             storage_bytes: Gauge::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            bridges: BridgeFamilies::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -187,6 +190,7 @@ impl Metrics {
             "Duration of one group-commit flush of the store",
             m.flush_seconds.clone(),
         );
+        m.bridges.register(r);
         Self { registry, ..m }
     }
 

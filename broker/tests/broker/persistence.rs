@@ -68,6 +68,10 @@ impl Proc {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     pub fn kill9(mut self) {
         self.child.0.kill().unwrap();
         self.child.0.wait().unwrap();

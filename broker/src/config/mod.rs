@@ -3,6 +3,11 @@
 //! A leaf: every part of the broker reads its settings from here, and this module
 //! imports none of them.
 
+mod bridge;
+
+pub(crate) use bridge::LOCAL_CLIENT_PREFIX;
+pub use bridge::{BridgeConfig, BridgeProtocol, BridgeTopic, Direction};
+
 use mqtt_common::topic;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -23,6 +28,8 @@ pub enum ConfigError {
     },
     #[error("{path}: {problem}")]
     Acl { path: PathBuf, problem: String },
+    #[error("{path}: {problem}")]
+    Bridge { path: PathBuf, problem: String },
     #[error("{path}: key `{key}`: {problem}")]
     BadValue {
         path: PathBuf,
@@ -42,6 +49,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[[acl]]` rules; none at all lets every authenticated identity do everything.
     pub acl: Vec<AclRule>,
+    /// `[[bridge]]` sections: upstream brokers and the topics forwarded to and from them.
+    pub bridge: Vec<BridgeConfig>,
     /// The file this was read from, re-read to reload the ACL.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -439,6 +448,12 @@ impl Config {
                 problem,
             });
         }
+        if let Err(problem) = bridge::check_bridges(&self.bridge) {
+            return Err(ConfigError::Bridge {
+                path: path.into(),
+                problem,
+            });
+        }
         if !valid_log_level(&self.log.level) {
             return bad(
                 "log.level",
@@ -466,6 +481,9 @@ impl Config {
             } else if crl.is_relative() {
                 *crl = base.join(&*crl);
             }
+        }
+        for b in &mut self.bridge {
+            b.resolve_paths(base);
         }
         if !self.log.dir.as_os_str().is_empty() && self.log.dir.is_relative() {
             self.log.dir = base.join(&self.log.dir);
@@ -570,6 +588,54 @@ mod tests {
         let path = write(dir.path(), "[storage]\nsync = \"fast\"\n");
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("sync") && err.contains("disk"), "{err}");
+    }
+
+    #[test]
+    fn bridge_sections_load_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+[[bridge]]
+name = "cloud"
+address = "cloud.example.com:8883"
+ca_file = "certs/cloud-ca.crt"
+cert_file = "certs/bridge.crt"
+key_file = "certs/bridge.key"
+client_id = "edge-1"
+protocol = "3.1.1"
+keep_alive_secs = 30
+local_identity = "bridge-cloud"
+
+[[bridge.topic]]
+pattern = "articulos/#"
+direction = "both"
+qos = 1
+local_prefix = ""
+remote_prefix = "sites/edge-1/"
+"#;
+        let config = Config::load(&write(dir.path(), text)).unwrap();
+        let b = &config.bridge[0];
+        assert_eq!(b.protocol, BridgeProtocol::V311);
+        assert_eq!(b.topic[0].direction, Direction::Both);
+        assert_eq!(b.topic[0].remote_prefix, "sites/edge-1/");
+        assert_eq!(b.ca_file, dir.path().join("certs/cloud-ca.crt"));
+        let err = Config::load(&write(
+            dir.path(),
+            &text.replace("\"both\"", "\"sideways\""),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("direction") && err.contains("sideways"),
+            "{err}"
+        );
+        let err = Config::load(&write(dir.path(), &text.replace("\"3.1.1\"", "\"4.0\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("protocol") && err.contains("4.0"), "{err}");
+        let err = Config::load(&write(dir.path(), &text.replace("8883", "x")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[[bridge]] \"cloud\": address"), "{err}");
     }
 
     #[test]
