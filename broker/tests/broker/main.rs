@@ -18,3 +18,4 @@ mod powerfs;
 mod process;
 mod recovery;
 mod refusals;
+mod upstream;
