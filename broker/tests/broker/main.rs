@@ -19,3 +19,4 @@ mod powerfs;
 mod process;
 mod recovery;
 mod refusals;
+mod upstream;
