@@ -150,7 +150,7 @@ impl Relay {
     }
 
     /// A packet from the local session (messages going out, acknowledgements of ours).
-    pub(super) fn from_local(
+    pub(super) fn on_local(
         &mut self,
         packet: FromServer,
         now: Instant,
@@ -199,7 +199,7 @@ impl Relay {
     }
 
     /// A packet from the upstream (messages coming in, acknowledgements of ours).
-    pub(super) fn from_remote(
+    pub(super) fn on_remote(
         &mut self,
         packet: FromServer,
         now: Instant,
@@ -353,10 +353,10 @@ mod tests {
     fn qos2_out_keeps_its_packet_id_end_to_end() {
         let now = Instant::now();
         let mut relay = Relay::new(routes(Direction::Out), false);
-        let steps = relay.from_local(publish("a/x", 2, 9), now).unwrap();
+        let steps = relay.on_local(publish("a/x", 2, 9), now).unwrap();
         assert_eq!(sent_topic(&steps), Some(("up/a/x", 9, true)));
         let steps = relay
-            .from_remote(
+            .on_remote(
                 FromServer::PubRec {
                     pkid: 9,
                     refused: None,
@@ -365,9 +365,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubRec(9))]);
-        let steps = relay.from_local(FromServer::PubRel(9), now).unwrap();
+        let steps = relay.on_local(FromServer::PubRel(9), now).unwrap();
         assert_eq!(steps, [Step::ToRemote(ToServer::PubRel(9))]);
-        let steps = relay.from_remote(FromServer::PubComp(9), now).unwrap();
+        let steps = relay.on_remote(FromServer::PubComp(9), now).unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubComp(9))]);
         assert_eq!(relay.counts.out, 1);
     }
@@ -376,10 +376,10 @@ mod tests {
     fn qos1_in_is_acknowledged_upstream_only_when_the_local_side_acknowledges() {
         let now = Instant::now();
         let mut relay = Relay::new(routes(Direction::In), false);
-        let steps = relay.from_remote(publish("up/a/y", 1, 4), now).unwrap();
+        let steps = relay.on_remote(publish("up/a/y", 1, 4), now).unwrap();
         assert_eq!(sent_topic(&steps), Some(("a/y", 4, false)));
         let steps = relay
-            .from_local(
+            .on_local(
                 FromServer::PubAck {
                     pkid: 4,
                     refused: None,
@@ -394,15 +394,15 @@ mod tests {
     fn messages_no_route_takes_are_acknowledged_where_they_came_from() {
         let now = Instant::now();
         let mut relay = Relay::new(routes(Direction::Out), false);
-        let steps = relay.from_local(publish("b/x", 1, 3), now).unwrap();
+        let steps = relay.on_local(publish("b/x", 1, 3), now).unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubAck(3))]);
-        let steps = relay.from_local(publish("b/x", 2, 5), now).unwrap();
+        let steps = relay.on_local(publish("b/x", 2, 5), now).unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubRec(5))]);
-        let steps = relay.from_local(FromServer::PubRel(5), now).unwrap();
+        let steps = relay.on_local(FromServer::PubRel(5), now).unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubComp(5))]);
-        let steps = relay.from_remote(publish("up/a/x", 2, 6), now).unwrap();
+        let steps = relay.on_remote(publish("up/a/x", 2, 6), now).unwrap();
         assert_eq!(steps, [Step::ToRemote(ToServer::PubRec(6))]);
-        let steps = relay.from_remote(FromServer::PubRel(6), now).unwrap();
+        let steps = relay.on_remote(FromServer::PubRel(6), now).unwrap();
         assert_eq!(steps, [Step::ToRemote(ToServer::PubComp(6))]);
     }
 
@@ -410,21 +410,21 @@ mod tests {
     fn an_upstream_without_no_local_has_its_echoes_taken_off_once_each() {
         let now = Instant::now();
         let mut relay = Relay::new(routes(Direction::Both), true);
-        relay.from_local(publish("a/x", 1, 1), now).unwrap();
-        relay.from_local(publish("a/x", 1, 2), now).unwrap();
+        relay.on_local(publish("a/x", 1, 1), now).unwrap();
+        relay.on_local(publish("a/x", 1, 2), now).unwrap();
         // Both copies come back: neither goes local.
         for pkid in [10, 11] {
-            let steps = relay.from_remote(publish("up/a/x", 1, pkid), now).unwrap();
+            let steps = relay.on_remote(publish("up/a/x", 1, pkid), now).unwrap();
             assert_eq!(steps, [Step::ToRemote(ToServer::PubAck(pkid))]);
         }
         // A third is somebody else's: it goes local.
-        let steps = relay.from_remote(publish("up/a/x", 1, 12), now).unwrap();
+        let steps = relay.on_remote(publish("up/a/x", 1, 12), now).unwrap();
         assert_eq!(sent_topic(&steps), Some(("a/x", 12, false)));
         assert_eq!(relay.counts.echoes, 2);
         // Remembered for a while only.
-        relay.from_local(publish("a/z", 1, 3), now).unwrap();
+        relay.on_local(publish("a/z", 1, 3), now).unwrap();
         let later = now + ECHO_WINDOW + Duration::from_secs(1);
-        let steps = relay.from_remote(publish("up/a/z", 1, 13), later).unwrap();
+        let steps = relay.on_remote(publish("up/a/z", 1, 13), later).unwrap();
         assert_eq!(sent_topic(&steps), Some(("a/z", 13, false)));
     }
 
@@ -432,9 +432,9 @@ mod tests {
     fn a_refusal_upstream_is_reported_and_ends_the_local_exchange() {
         let now = Instant::now();
         let mut relay = Relay::new(routes(Direction::Out), false);
-        relay.from_local(publish("a/x", 2, 9), now).unwrap();
+        relay.on_local(publish("a/x", 2, 9), now).unwrap();
         let steps = relay
-            .from_remote(
+            .on_remote(
                 FromServer::PubRec {
                     pkid: 9,
                     refused: Some("NotAuthorized".into()),
@@ -450,7 +450,7 @@ mod tests {
                 reason: "NotAuthorized".into()
             }
         );
-        let steps = relay.from_local(FromServer::PubRel(9), now).unwrap();
+        let steps = relay.on_local(FromServer::PubRel(9), now).unwrap();
         assert_eq!(steps, [Step::ToLocal(ToServer::PubComp(9))]);
         assert_eq!(relay.counts.refused, 1);
     }
@@ -459,7 +459,7 @@ mod tests {
     fn a_disconnect_ends_the_relay_naming_the_side() {
         let mut relay = Relay::new(routes(Direction::Out), false);
         let err = relay
-            .from_remote(
+            .on_remote(
                 FromServer::Disconnect("ServerShuttingDown".into()),
                 Instant::now(),
             )

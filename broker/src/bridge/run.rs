@@ -206,7 +206,7 @@ impl Bridge {
         }
         let now = Instant::now();
         for packet in early {
-            match relay.from_remote(packet, now) {
+            match relay.on_remote(packet, now) {
                 Ok(steps) => {
                     for step in steps {
                         self.apply(step, &mut relay, &mut local, &mut remote);
@@ -304,9 +304,9 @@ impl Bridge {
         for _ in 0..256 {
             let Some(packet) = next.take() else { break };
             steps.extend(if remote {
-                relay.from_remote(packet, now)?
+                relay.on_remote(packet, now)?
             } else {
-                relay.from_local(packet, now)?
+                relay.on_local(packet, now)?
             });
             next = match from.try_read() {
                 Ok(p) => p,
@@ -316,9 +316,9 @@ impl Bridge {
         }
         if let Some(packet) = next {
             steps.extend(if remote {
-                relay.from_remote(packet, now)?
+                relay.on_remote(packet, now)?
             } else {
-                relay.from_local(packet, now)?
+                relay.on_local(packet, now)?
             });
         }
         Ok(steps)

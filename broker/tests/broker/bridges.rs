@@ -18,13 +18,32 @@ fn bridge_to(
     protocol: BridgeProtocol,
     topics: &[(&str, Direction, &str, &str)],
 ) -> BridgeConfig {
-    let layout = &upstream.pki.layout;
+    bridge(
+        name,
+        protocol,
+        upstream.addr,
+        &upstream.pki.layout.ca_cert,
+        &upstream.pki,
+        topics,
+    )
+}
+
+/// A bridge `name` to the server at `addr` (whose CA is `ca`), with `pki`'s `observer`
+/// certificate; topics as (pattern, direction, local prefix, remote prefix), QoS 1.
+pub fn bridge(
+    name: &str,
+    protocol: BridgeProtocol,
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    pki: &TestPki,
+    topics: &[(&str, Direction, &str, &str)],
+) -> BridgeConfig {
     BridgeConfig {
         name: name.into(),
-        address: upstream.addr.to_string(),
-        ca_file: layout.ca_cert.clone(),
-        cert_file: layout.client_cert("observer"),
-        key_file: layout.client_key("observer"),
+        address: addr.to_string(),
+        ca_file: ca.to_path_buf(),
+        cert_file: pki.layout.client_cert("observer"),
+        key_file: pki.layout.client_key("observer"),
         client_id: Some(format!("edge-{name}")),
         protocol,
         keep_alive_secs: 30,
@@ -45,7 +64,7 @@ fn bridge_to(
     }
 }
 
-fn text(p: &v4::Publish) -> (String, String) {
+pub fn text(p: &v4::Publish) -> (String, String) {
     (
         p.topic.clone(),
         String::from_utf8_lossy(&p.payload).to_string(),
@@ -353,4 +372,119 @@ async fn no_network_client_may_use_a_bridge_client_id() {
         .unwrap();
     let ack = c.connect("$bridge/cloud", true, 30).await;
     assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+}
+
+#[tokio::test]
+async fn qos2_crosses_exactly_once_each_way() {
+    let upstream = TestBroker::start().await;
+    let mut b = bridge_to(
+        &upstream,
+        "qos2",
+        BridgeProtocol::V5,
+        &[
+            ("q2/out/#", Direction::Out, "", ""),
+            ("q2/in/#", Direction::In, "", ""),
+        ],
+    );
+    for t in &mut b.topic {
+        t.qos = 2;
+    }
+    let edge = TestBroker::start_with(|c| c.bridge.push(b)).await;
+    wait_for_log(&["bridge connected", "qos2"]).await;
+    let mut up = upstream.client("subscriber", "up").await;
+    up.subscribe("q2/#", QoS::ExactlyOnce).await;
+    let mut down = edge.client("subscriber", "down").await;
+    down.subscribe("q2/in/#", QoS::ExactlyOnce).await;
+    let mut down_pub = edge.client("publisher", "down-pub").await;
+    let mut up_pub = upstream.client("publisher", "up-pub").await;
+    for i in 0..20 {
+        down_pub
+            .publish(
+                "q2/out/a",
+                format!("o{i}").as_bytes(),
+                QoS::ExactlyOnce,
+                false,
+            )
+            .await;
+        up_pub
+            .publish(
+                "q2/in/b",
+                format!("i{i}").as_bytes(),
+                QoS::ExactlyOnce,
+                false,
+            )
+            .await;
+    }
+    let ups = receive_qos2(&mut up, 40).await;
+    let outs: Vec<String> = ups.iter().filter(|p| p.starts_with('o')).cloned().collect();
+    assert_eq!(outs, (0..20).map(|i| format!("o{i}")).collect::<Vec<_>>());
+    let downs = receive_qos2(&mut down, 20).await;
+    assert_eq!(downs, (0..20).map(|i| format!("i{i}")).collect::<Vec<_>>());
+    up.expect_no_publish().await;
+    down.expect_no_publish().await;
+}
+
+/// Receives `n` QoS 2 messages, completing each exchange as the broker interleaves
+/// them; their payloads in order of arrival.
+async fn receive_qos2(c: &mut TestClient, n: usize) -> Vec<String> {
+    let (mut got, mut open) = (Vec::new(), 0);
+    while got.len() < n || open > 0 {
+        match c.recv().await {
+            Packet::Publish(p) => {
+                assert_eq!(p.qos, QoS::ExactlyOnce, "{}", p.topic);
+                got.push(text(&p).1);
+                open += 1;
+                c.send(Packet::PubRec(v4::PubRec::new(p.pkid))).await;
+            }
+            Packet::PubRel(r) => {
+                open -= 1;
+                c.send(Packet::PubComp(v4::PubComp::new(r.pkid))).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got
+}
+
+/// `[[bridge]]` sections follow the file: added, refused when invalid (the running
+/// ones stay), removed (its session and queue go).
+#[tokio::test]
+async fn bridges_follow_the_configuration_file_on_reload() {
+    let upstream = TestBroker::start().await;
+    let (edge, path) = TestBroker::start_from_file("").await;
+    let reloader = edge.handle.as_ref().unwrap().reloader();
+    let section = |direction: &str| {
+        format!(
+            "[[bridge]]\nname = \"reloaded\"\naddress = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[bridge.topic]]\npattern = \"articulos/#\"\ndirection = \"{direction}\"\n",
+            upstream.addr,
+            upstream.pki.layout.ca_cert.display(),
+            upstream.pki.layout.client_cert("observer").display(),
+            upstream.pki.layout.client_key("observer").display(),
+        )
+    };
+    std::fs::write(&path, config_text(&edge.pki, &section("out"))).unwrap();
+    reloader.reload_acl();
+    wait_for_log(&["bridge connected", "reloaded"]).await;
+
+    std::fs::write(&path, config_text(&edge.pki, &section("sideways"))).unwrap();
+    reloader.reload_acl();
+    let line = wait_for_log(&["configuration reload failed", "sideways"]).await;
+    assert!(line.contains("direction"), "{line}");
+    // Still bridged.
+    let mut up = upstream.client("subscriber", "up").await;
+    up.subscribe("articulos/#", QoS::AtLeastOnce).await;
+    let mut publisher = edge.client("publisher", "pub").await;
+    publisher
+        .publish("articulos/a", b"still", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(text(&up.next_publish().await).1, "still");
+
+    std::fs::write(&path, config_text(&edge.pki, "")).unwrap();
+    reloader.reload_acl();
+    wait_for_log(&["bridge removed from the configuration", "reloaded"]).await;
+    wait_for_log(&["no longer configured ended", "$bridge/reloaded"]).await;
+    publisher
+        .publish("articulos/a", b"gone", QoS::AtLeastOnce, false)
+        .await;
+    up.expect_no_publish().await;
 }

@@ -2,6 +2,7 @@
 //! its source layout (`layout`), and the deployment files beside it (`deploy`).
 
 mod acl;
+mod bridge_interop;
 mod bridges;
 mod common;
 mod conformance;
