@@ -21,6 +21,8 @@ use tracing::{info, warn};
 const HIGH_WATER: usize = 4 << 20;
 /// SUBSCRIBE packet id: sent before any PUBLISH of the connection.
 const SUBSCRIBE_PKID: u16 = 1;
+/// The local side's name in errors.
+const LOCAL: &str = "local session";
 /// How long a SUBACK may take.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -135,7 +137,7 @@ impl Bridge {
     async fn prepare_local(&self) -> Result<(), String> {
         let (mut local, _) = self.attach_local(1, None).await?;
         // What the session resends meanwhile stays unacknowledged: it comes again.
-        subscribe(&mut local, self.routes.local_filters(), "local session").await?;
+        subscribe(&mut local, self.routes.local_filters(), LOCAL).await?;
         local.queue(ToServer::Disconnect)?;
         local.close();
         Ok(())
@@ -197,7 +199,7 @@ impl Bridge {
             // The local session was lost (its store quarantined, say): subscribe again.
             // A new session has nothing to send before its SUBACK.
             if let Err(e) =
-                subscribe(&mut local, self.routes.local_filters(), "local session").await
+                subscribe(&mut local, self.routes.local_filters(), LOCAL).await
             {
                 remote.close();
                 local.close();
@@ -371,6 +373,7 @@ async fn subscribe<R: tokio::io::AsyncRead + Unpin>(
         return Ok(early);
     }
     let names: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
+    let local = side == LOCAL;
     peer.queue(ToServer::Subscribe {
         pkid: SUBSCRIBE_PKID,
         filters,
@@ -385,12 +388,23 @@ async fn subscribe<R: tokio::io::AsyncRead + Unpin>(
             .map_err(|e| format!("{side}: {e}"))?;
         match packet {
             FromServer::SubAck { granted, .. } => {
-                for (filter, qos) in names.iter().zip(granted) {
-                    if qos.is_none() {
-                        warn!(side, filter = %filter, "bridge: subscription refused; check the [[acl]] rules of the bridge's identity");
-                    }
+                let refused: Vec<&String> = names
+                    .iter()
+                    .zip(granted)
+                    .filter(|(_, qos)| qos.is_none())
+                    .map(|(filter, _)| filter)
+                    .collect();
+                if refused.is_empty() {
+                    return Ok(early);
                 }
-                return Ok(early);
+                // Locally the ACL decides, for good: said once, the rest still works.
+                // Upstream it may be passing (a cluster electing a leader): the
+                // connection is tried again, so nothing that comes in is missed.
+                if local {
+                    warn!(filters = ?refused, "bridge: local subscription refused; check the [[acl]] rules of the bridge's local_identity");
+                    return Ok(early);
+                }
+                return Err(format!("the upstream refused the subscription to {refused:?}"));
             }
             other => early.push(other),
         }

@@ -1,5 +1,5 @@
 //! `[[bridge]]` sections: an upstream broker this one connects to as a client, and the
-//! topics forwarded each way. Read and checked here; `crate::bridge` runs them.
+//! topics forwarded each way. Read and checked here; the `bridge` layer runs them.
 
 use mqtt_common::topic;
 use serde::Deserialize;

@@ -218,7 +218,7 @@ async fn rules_reload_from_disk_on_live_connections() {
         ),
     )
     .unwrap();
-    wait_for_log(&["ACL reload failed", "acl[0].publish[0]"]).await;
+    wait_for_log(&["configuration reload failed", "acl[0].publish[0]"]).await;
     publ.publish("articulos/b/futbol", b"sigue", QoS::AtLeastOnce, false)
         .await;
     assert_eq!(&observer.next_publish().await.payload[..], b"sigue");
@@ -229,7 +229,7 @@ async fn rules_reload_from_disk_on_live_connections() {
         "identity = \"publisher\"",
     );
     std::fs::write(&path, config_text(&broker.pki, &without_publisher)).unwrap();
-    wait_for_log(&["ACL reloaded", "rules=3"]).await;
+    wait_for_log(&["ACL and bridges reloaded", "rules=3"]).await;
     publ.publish("articulos/c/futbol", b"prohibido", QoS::AtLeastOnce, false)
         .await;
     wait_for_log(&[
