@@ -198,9 +198,7 @@ impl Bridge {
         if !present {
             // The local session was lost (its store quarantined, say): subscribe again.
             // A new session has nothing to send before its SUBACK.
-            if let Err(e) =
-                subscribe(&mut local, self.routes.local_filters(), LOCAL).await
-            {
+            if let Err(e) = subscribe(&mut local, self.routes.local_filters(), LOCAL).await {
                 remote.close();
                 local.close();
                 return Ended::Lost(e);
@@ -404,7 +402,9 @@ async fn subscribe<R: tokio::io::AsyncRead + Unpin>(
                     warn!(filters = ?refused, "bridge: local subscription refused; check the [[acl]] rules of the bridge's local_identity");
                     return Ok(early);
                 }
-                return Err(format!("the upstream refused the subscription to {refused:?}"));
+                return Err(format!(
+                    "the upstream refused the subscription to {refused:?}"
+                ));
             }
             other => early.push(other),
         }

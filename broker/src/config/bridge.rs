@@ -5,9 +5,101 @@ use mqtt_common::topic;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-/// One `[[bridge]]` section.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// One `[[bridge]]` section, as read: enumerations still text, so that a bad value is
+/// reported with the section it is in (serde's own errors name neither).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawBridge {
+    name: String,
+    address: String,
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    keep_alive_secs: u16,
+    #[serde(default)]
+    local_identity: Option<String>,
+    #[serde(default = "default_max_queued")]
+    max_queued: usize,
+    #[serde(default = "default_max_queued_bytes")]
+    max_queued_bytes: u64,
+    #[serde(default = "default_max_inflight")]
+    max_inflight: u16,
+    #[serde(default)]
+    topic: Vec<RawTopic>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    pattern: String,
+    #[serde(default)]
+    direction: Option<String>,
+    #[serde(default = "default_qos")]
+    qos: u8,
+    #[serde(default)]
+    local_prefix: String,
+    #[serde(default)]
+    remote_prefix: String,
+}
+
+/// Reads the `[[bridge]]` sections; a bad `protocol` or `direction` names its section.
+pub(super) fn deserialize_bridges<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<BridgeConfig>, D::Error> {
+    let raw = Vec::<RawBridge>::deserialize(d)?;
+    raw.into_iter()
+        .map(|r| {
+            let section = format!("[[bridge]] \"{}\"", r.name);
+            let bad = |e: String| serde::de::Error::custom(format!("{section}: {e}"));
+            let protocol = match r.protocol {
+                Some(p) => BridgeProtocol::try_from(p).map_err(bad)?,
+                None => BridgeProtocol::default(),
+            };
+            let topic = r
+                .topic
+                .into_iter()
+                .enumerate()
+                .map(|(j, t)| {
+                    let direction = match t.direction {
+                        Some(d) => Direction::try_from(d)
+                            .map_err(|e| bad(e.replace("bridge.topic.", &format!("topic[{j}].")))),
+                        None => Ok(Direction::default()),
+                    }?;
+                    Ok(BridgeTopic {
+                        pattern: t.pattern,
+                        direction,
+                        qos: t.qos,
+                        local_prefix: t.local_prefix,
+                        remote_prefix: t.remote_prefix,
+                    })
+                })
+                .collect::<Result<Vec<_>, D::Error>>()?;
+            Ok(BridgeConfig {
+                name: r.name,
+                address: r.address,
+                ca_file: r.ca_file,
+                cert_file: r.cert_file,
+                key_file: r.key_file,
+                client_id: r.client_id,
+                protocol,
+                keep_alive_secs: r.keep_alive_secs,
+                local_identity: r.local_identity,
+                max_queued: r.max_queued,
+                max_queued_bytes: r.max_queued_bytes,
+                max_inflight: r.max_inflight,
+                topic,
+            })
+        })
+        .collect()
+}
+
+/// One `[[bridge]]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeConfig {
     /// In logs, metrics and the bridge's local client id (`$bridge/<name>`).
     pub name: String,
@@ -19,50 +111,36 @@ pub struct BridgeConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// Client id towards the upstream; `<hostname>-<name>` when absent.
-    #[serde(default)]
     pub client_id: Option<String>,
     /// MQTT version spoken to the upstream.
-    #[serde(default)]
     pub protocol: BridgeProtocol,
-    #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u16,
     /// The identity the `[[acl]]` rules see for the bridge's local session: what it
     /// subscribes to (out) and publishes (in). `bridge-<name>` when absent.
-    #[serde(default)]
     pub local_identity: Option<String>,
     /// Messages waiting for the upstream, at most (beyond, `[session] queue_full`).
-    #[serde(default = "default_max_queued")]
     pub max_queued: usize,
     /// Bytes (topics and payloads) waiting for the upstream, at most.
-    #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: u64,
     /// Messages sent to the upstream and not yet acknowledged, at most (an MQTT 5
     /// upstream's Receive Maximum lowers it).
-    #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
-    #[serde(default)]
     pub topic: Vec<BridgeTopic>,
 }
 
 /// One `[[bridge.topic]]`: a filter T forwarded out, in or both ways.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeTopic {
     /// The filter T; the local side sees `local_prefix + T`, the remote `remote_prefix + T`.
     pub pattern: String,
-    #[serde(default)]
     pub direction: Direction,
     /// The subscription's QoS on the side messages come from.
-    #[serde(default = "default_qos")]
     pub qos: u8,
-    #[serde(default)]
     pub local_prefix: String,
-    #[serde(default)]
     pub remote_prefix: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BridgeProtocol {
     V311,
     #[default]
@@ -77,15 +155,14 @@ impl TryFrom<String> for BridgeProtocol {
             "3.1.1" | "311" | "4" => Ok(Self::V311),
             "5" | "5.0" => Ok(Self::V5),
             other => Err(format!(
-                "bridge.protocol must be \"3.1.1\" or \"5\", not \"{other}\""
+                "protocol must be \"3.1.1\" or \"5\", not \"{other}\""
             )),
         }
     }
 }
 
 /// Which way a bridged topic goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Direction {
     /// Local to remote.
     #[default]

@@ -50,6 +50,7 @@ pub struct Config {
     /// `[[acl]]` rules; none at all lets every authenticated identity do everything.
     pub acl: Vec<AclRule>,
     /// `[[bridge]]` sections: upstream brokers and the topics forwarded to and from them.
+    #[serde(deserialize_with = "bridge::deserialize_bridges")]
     pub bridge: Vec<BridgeConfig>,
     /// The file this was read from, re-read to reload the ACL.
     #[serde(skip)]

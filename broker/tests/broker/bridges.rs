@@ -469,7 +469,10 @@ async fn bridges_follow_the_configuration_file_on_reload() {
     std::fs::write(&path, config_text(&edge.pki, &section("sideways"))).unwrap();
     reloader.reload_acl();
     let line = wait_for_log(&["configuration reload failed", "sideways"]).await;
-    assert!(line.contains("direction"), "{line}");
+    assert!(
+        line.contains("[[bridge]] \"reloaded\": topic[0].direction"),
+        "{line}"
+    );
     // Still bridged.
     let mut up = upstream.client("subscriber", "up").await;
     up.subscribe("articulos/#", QoS::AtLeastOnce).await;
