@@ -167,19 +167,19 @@ impl Session {
         };
         // A bridge's local session: its section's limits and series from the start
         // (restored sessions begin before the bridge attaches).
-        let bridge =
-            shared.config.bridge.iter().find(|b| {
-                b.local_client_id() == key.client_id && b.local_identity() == key.identity
-            });
-        if let Some(b) = bridge {
-            limits.max_inflight = b.max_inflight;
-            limits.max_queued = b.max_queued;
-            limits.max_queued_bytes = b.max_queued_bytes;
-        }
-        let bridge = key
-            .client_id
-            .strip_prefix(LOCAL_CLIENT_PREFIX)
-            .map(|name| Box::new(shared.metrics.bridges.of(name)));
+        let bridge = key.client_id.strip_prefix(LOCAL_CLIENT_PREFIX).map(|name| {
+            let section = shared
+                .config
+                .bridge
+                .iter()
+                .find(|b| b.name == name && b.local_identity() == key.identity);
+            if let Some(b) = section {
+                limits.max_inflight = b.max_inflight;
+                limits.max_queued = b.max_queued;
+                limits.max_queued_bytes = b.max_queued_bytes;
+            }
+            Box::new(shared.metrics.bridges.of(name))
+        });
         Self {
             sys: shared.sys.subscribe(),
             outgoing: Outgoing::new(limits),

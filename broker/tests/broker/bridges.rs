@@ -491,3 +491,45 @@ async fn bridges_follow_the_configuration_file_on_reload() {
         .await;
     up.expect_no_publish().await;
 }
+
+/// While the upstream is away, what goes out queues up to the bridge's limit; beyond,
+/// messages are dropped and counted (the publisher is still acknowledged, as for any
+/// full queue), never held in memory without bound.
+#[tokio::test]
+async fn an_unreachable_upstream_queues_up_to_the_limit_and_counts_the_rest() {
+    let upstream = TestBroker::start().await;
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = nobody.local_addr().unwrap();
+    drop(nobody);
+    let mut b = bridge_to(
+        &upstream,
+        "full",
+        BridgeProtocol::V5,
+        &[("articulos/#", Direction::Out, "", "")],
+    );
+    b.address = closed.to_string();
+    b.max_queued = 5;
+    let edge = TestBroker::start_with(|c| c.bridge.push(b)).await;
+    let line = wait_for_log(&["cannot reach the upstream", "full"]).await;
+    assert!(line.contains("connection refused"), "{line}");
+    let mut publisher = edge.client("publisher", "pub").await;
+    for i in 0..12 {
+        publisher
+            .publish(
+                "articulos/a",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await;
+    }
+    let metrics = scrape(edge.handle.as_ref().unwrap().metrics_addr().unwrap()).await;
+    for line in [
+        "broker_bridge_connected{bridge=\"full\"} 0",
+        "broker_bridge_queued_messages{bridge=\"full\"} 5",
+        "broker_bridge_dropped_total{bridge=\"full\"} 7",
+        "broker_bridge_connect_failures_total{bridge=\"full\",reason=\"connection_refused\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
