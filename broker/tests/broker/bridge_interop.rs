@@ -78,7 +78,8 @@ async fn mosquitto_as_the_upstream_out_and_in_with_prefixes() {
 }
 
 /// Edge A bridges `articulos/#` out to NATS node 0, edge B bridges it in from node 1;
-/// node 2 is killed halfway. Every article A acknowledged reaches B's subscriber.
+/// node 2 is killed once half the articles have crossed. Every article A acknowledged
+/// reaches B's subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn articles_cross_a_nats_cluster_between_two_edges_while_a_node_dies() {
     const N: usize = 200;
@@ -112,6 +113,7 @@ async fn articles_cross_a_nats_cluster_between_two_edges_while_a_node_dies() {
     let mut sub = edge_b.client("subscriber", "sub-b").await;
     sub.subscribe("articulos/+/futbol", QoS::AtLeastOnce).await;
     let mut publisher = edge_a.client("publisher", "pub-a").await;
+    let (progress, mut arrived) = tokio::sync::watch::channel(0usize);
     let receive = tokio::spawn(async move {
         let mut got = BTreeSet::new();
         while got.len() < N {
@@ -125,28 +127,74 @@ async fn articles_cross_a_nats_cluster_between_two_edges_while_a_node_dies() {
                             .parse::<usize>()
                             .unwrap(),
                     );
+                    progress.send_replace(got.len());
                 }
                 Err(_) => sub.send(rumqttc::mqttbytes::v4::Packet::PingReq).await,
             }
         }
         got
     });
-    for i in 0..N {
-        if i == N / 2 {
-            nats.kill(2);
-        }
+    // Half while the cluster is whole and the articles flow...
+    publish_range(0..N / 2, &mut publisher).await;
+    let flowing = tokio::time::timeout(Duration::from_secs(60), arrived.wait_for(|n| *n >= N / 2))
+        .await
+        .is_ok();
+    assert!(flowing, "the first {} articles did not reach edge B", N / 2);
+    // ...the rest after a node other than the two edges' is killed.
+    nats.kill(2);
+    publish_range(N / 2..N, &mut publisher).await;
+    let Ok(got) = tokio::time::timeout(Duration::from_secs(90), receive).await else {
+        let logs = captured()
+            .text
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        let bridges: Vec<&str> = logs.lines().filter(|l| l.contains("nats-")).collect();
+        let tail = |n: usize| {
+            let log = nats.log(n);
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| !l.contains("connect to route"))
+                .rev()
+                .take(25)
+                .map(str::to_string)
+                .collect();
+            lines
+        };
+        let metrics = |edge: &TestBroker| {
+            let addr = edge.handle.as_ref().and_then(|h| h.metrics_addr());
+            async move {
+                let text = scrape(addr.unwrap()).await;
+                text.lines()
+                    .filter(|l| l.starts_with("broker_bridge"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            }
+        };
+        panic!(
+            "{} of {N} articles at edge B 90 s after the kill; the bridges said: {bridges:#?}\nnode 0: {:#?}\nnode 1: {:#?}\nA: {:#?}\nB: {:#?}",
+            *arrived.borrow(),
+            tail(0),
+            tail(1),
+            metrics(&edge_a).await,
+            metrics(&edge_b).await,
+        );
+    };
+    let got = got.unwrap();
+    assert_eq!(got, (0..N).collect::<BTreeSet<_>>());
+}
+
+/// Publishes the numbers in `range` as QoS 1 articles, each acknowledged.
+async fn publish_range(range: std::ops::Range<usize>, publisher: &mut TestClient) {
+    for i in range {
+        let payload = format!("{i}");
         publisher
             .publish(
                 "articulos/elpais/futbol",
-                format!("{i}").as_bytes(),
+                payload.as_bytes(),
                 QoS::AtLeastOnce,
                 false,
             )
             .await;
     }
-    let got = tokio::time::timeout(Duration::from_secs(90), receive)
-        .await
-        .expect("articles missing at edge B after 90 s")
-        .unwrap();
-    assert_eq!(got, (0..N).collect::<BTreeSet<_>>());
 }

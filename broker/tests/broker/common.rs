@@ -576,12 +576,12 @@ pub fn publish5(topic: &str, payload: &str, qos: Q5) -> m5::Publish {
 // Captured logs: one subscriber for the whole test binary; tests look for lines
 // that carry their own client's address.
 
-struct Captured {
-    text: Mutex<String>,
+pub struct Captured {
+    pub text: Mutex<String>,
     changed: Notify,
 }
 
-fn captured() -> &'static Captured {
+pub fn captured() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| Captured {
         text: Mutex::new(String::new()),

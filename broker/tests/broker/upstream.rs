@@ -441,6 +441,7 @@ cluster {{
 mqtt {{
   listen: "127.0.0.1:{mqtt}"
   stream_replicas: 3
+  consumer_replicas: 3
   tls {{
     cert_file: "{cert}"
     key_file: "{key}"
