@@ -9,6 +9,7 @@ pub mod load;
 pub mod offline;
 pub mod retained;
 pub mod slowloris;
+pub mod soak;
 pub mod throughput;
 
 use crate::client;
