@@ -66,7 +66,8 @@ pub struct Link {
     _live: LiveGuard,
 }
 
-struct LiveGuard(Arc<AtomicI64>);
+/// Counts a connection as live until dropped.
+pub struct LiveGuard(Arc<AtomicI64>);
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -101,6 +102,11 @@ impl Ctx {
             stop,
             notes: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The stop signal, to wait on.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
     }
 
     pub fn stopping(&self) -> bool {
@@ -141,6 +147,13 @@ impl Ctx {
             (0, Some(kill)) => Instant::now() + Duration::from_secs(3) < kill,
             _ => true,
         }
+    }
+
+    /// A connection established: counted, and live until the guard is dropped.
+    pub fn track(&self) -> LiveGuard {
+        Counters::add(&self.counters.connects);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(self.live.clone())
     }
 
     /// Keeps the first few notes of what went wrong, for the JSON line's samples.
@@ -191,11 +204,9 @@ impl Ctx {
                 .await
             {
                 Ok(conn) => {
-                    Counters::add(&self.counters.connects);
-                    self.live.fetch_add(1, Ordering::Relaxed);
                     return Some(Link {
                         conn,
-                        _live: LiveGuard(self.live.clone()),
+                        _live: self.track(),
                     });
                 }
                 Err(e) => {

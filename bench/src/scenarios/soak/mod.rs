@@ -9,6 +9,7 @@
 //! level after the post-restart warm-up to the end (see [`verdict::windows`]).
 
 mod ctx;
+mod v5;
 mod verdict;
 mod workers;
 
@@ -36,9 +37,13 @@ pub struct SoakArgs {
     /// Messages/s of each publisher.
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
-    /// Persistent subscribers to every publisher's topic (a will watcher comes on top).
+    /// Persistent subscribers (MQTT 3.1.1, clean session 0) to every publisher's topic
+    /// (a will watcher comes on top).
     #[arg(long, default_value_t = 4)]
     pub persistent_subscribers: u32,
+    /// Persistent subscribers speaking MQTT 5 (session expiry 1 hour), the same way.
+    #[arg(long, default_value_t = 1)]
+    pub v5_subscribers: u32,
     #[arg(long, default_value_t = 6)]
     pub will_clients: u32,
     /// Short-lived clean-session subscribers.
@@ -150,6 +155,7 @@ pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
     resources(&mut out, &mut failures, &samples, total, restarted_at, args);
     let c = &ctx.counters;
     let clients = args.persistent_subscribers
+        + args.v5_subscribers
         + 1
         + args.publishers_per_qos * 3
         + args.will_clients
@@ -182,6 +188,7 @@ pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
             "publishers_per_qos": args.publishers_per_qos,
             "rate_per_publisher": args.rate,
             "persistent_subscribers": args.persistent_subscribers,
+            "v5_subscribers": args.v5_subscribers,
             "will_clients": args.will_clients,
             "churners": args.churners,
             "takeover_pairs": args.takeover_pairs,
@@ -215,6 +222,19 @@ async fn spawn_all(
             ctx.clone(),
             spec,
             seed + u64::from(j),
+            tx,
+            data_rx.clone(),
+        );
+        subscribers.push(tokio::spawn(task));
+        ready.push(rx);
+    }
+    for j in 0..args.v5_subscribers {
+        let (tx, rx) = oneshot::channel();
+        let task = v5::persistent_subscriber(
+            ctx.clone(),
+            format!("soak-psub5-{j}"),
+            workers::DATA_FILTER,
+            seed + 50 + u64::from(j),
             tx,
             data_rx.clone(),
         );
