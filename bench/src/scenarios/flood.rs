@@ -3,7 +3,7 @@
 //! work of every message (decode, match, encode, and at QoS 1 the acknowledgements both
 //! ways and the in-flight bookkeeping) rather than dropping it for want of a subscriber.
 //!
-//! It runs on a thread and a runtime of its own, at a lower CPU priority (nice 19 by
+//! It runs on a thread and a runtime of its own, at a lower CPU priority (nice 10 by
 //! default). On this 2-core machine the load generator shares the cores with the broker:
 //! without that, the latency pair's tasks would wait behind the flood's in the
 //! generator's own runtime and on its CPU, and the measurement would be the generator's
@@ -127,7 +127,7 @@ impl Flood {
 }
 
 /// Nice value of the calling thread (Linux schedules threads apart); best effort.
-fn lower_priority(nice: i32) {
+pub fn lower_priority(nice: i32) {
     if nice == 0 {
         return;
     }

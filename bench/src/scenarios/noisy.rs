@@ -3,15 +3,18 @@
 //! neighbour floods the broker on a topic of its own with a subscriber of its own
 //! (`flood.rs`). Reports quiet and noisy p50/p99/p99.9 and the ratio of the p99s; the
 //! issue's bar is noisy p99 within 2× of quiet. `--max-packets-per-sec` and
-//! `--max-bytes-per-sec` give our broker a per-connection read budget.
+//! `--max-bytes-per-sec` give our broker a per-connection read budget; `--warm` keeps the
+//! vCPUs awake in both phases (see its help).
 
-use super::flood::{Flood, FloodOpts, FloodResult};
+use super::flood::{lower_priority, Flood, FloodOpts, FloodResult};
 use super::load::{self, Load, LoadResult, TopicPlan};
 use super::{round, Common, Outcome, Setup};
 use crate::stats::median;
 use crate::target::{Kind, ReadBudget};
 use rumqttc::mqttbytes::QoS;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -33,9 +36,16 @@ pub struct NoisyArgs {
     /// Unacknowledged publishes of the flood (QoS 1).
     #[arg(long, default_value_t = 1000)]
     pub flood_inflight: usize,
-    /// Nice value of the flood's thread (why: scenarios/flood.rs); 0 competes on equal terms.
-    #[arg(long, default_value_t = 19)]
+    /// Nice value of the flood's thread (why: scenarios/flood.rs); 0 competes on equal
+    /// terms. Above the spinners' 19, so that they take little from the flood.
+    #[arg(long, default_value_t = 10)]
     pub flood_nice: i32,
+    /// Threads spinning at nice 19 through both phases, so that neither is measured on
+    /// idle vCPUs: on this VM a halted vCPU takes ~0.1–0.3 ms to wake, which made the pair
+    /// alone slower than beside a flood that keeps them awake, and beside a throttled flood
+    /// as slow as alone. 0: the idle machine.
+    #[arg(long, default_value_t = 1)]
+    pub warm: usize,
     /// Ours: `[session] max_packets_per_sec` of every connection (0: off, the default).
     #[arg(long, default_value_t = 0)]
     pub max_packets_per_sec: u64,
@@ -59,8 +69,12 @@ impl NoisyArgs {
             (Kind::Ours, p, by) => format!(", read budget {p} packets/s {by} B/s"),
             (Kind::Mosquitto, _, _) => String::new(),
         };
+        let warm = match self.warm {
+            0 => ", idle vCPUs".to_string(),
+            _ => String::new(),
+        };
         format!(
-            "{:.0}/s QoS 1 pair, flood QoS {} × {} in flight{budget}",
+            "{:.0}/s QoS 1 pair, flood QoS {} × {} in flight{budget}{warm}",
             self.rate, self.flood_qos, self.flood_inflight
         )
     }
@@ -100,6 +114,7 @@ pub async fn run(common: &Common, args: &NoisyArgs) -> anyhow::Result<Outcome> {
         nice: args.flood_nice,
     };
     let (mut quiet, mut noisy, mut floods) = (Vec::new(), Vec::new(), Vec::new());
+    let spinners = Spinners::start(args.warm);
     for rep in 0..args.reps.max(1) {
         let q = load::run(
             addr,
@@ -129,7 +144,9 @@ pub async fn run(common: &Common, args: &NoisyArgs) -> anyhow::Result<Outcome> {
         floods.push(flood.stop().await);
         noisy.push(n?);
     }
+    drop(spinners);
     report(&mut out, &quiet, &noisy, &floods);
+    out.set("warm_spinners", args.warm);
     if common.target == Kind::Mosquitto && args.budget() != ReadBudget::default() {
         out.set("note", "Mosquitto has no read budget: ignored");
     }
@@ -205,6 +222,44 @@ fn report(out: &mut Outcome, quiet: &[LoadResult], noisy: &[LoadResult], floods:
     for f in floods {
         if let Some(e) = &f.error {
             out.error(format!("flood: {e}"));
+        }
+    }
+}
+
+/// Busy loops at the lowest priority: they take only CPU time nobody else wants, and keep
+/// the vCPUs from halting between the pair's messages in both phases, so that the two
+/// differ by the flood's work only. Joined when dropped.
+struct Spinners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start(n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .filter_map(|i| {
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("warm-{i}"))
+                    .spawn(move || {
+                        lower_priority(19);
+                        while !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
