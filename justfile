@@ -35,6 +35,11 @@ bench *ARGS:
     cargo build --release -p broker -p bench
     ulimit -n 20000 2>/dev/null; target/release/bench all --write docs/BENCHMARKS.md {{ARGS}}
 
+# Soak against our broker: churn, takeovers, wills, QoS 0/1/2, a SIGKILL halfway; exits 1 on a lost message or growth (docs/BENCHMARKS.md, Soak)
+soak MINUTES="30":
+    cargo build --release -p broker -p bench
+    ulimit -n 20000 2>/dev/null; {{target_dir}}/release/bench soak --minutes {{MINUTES}}
+
 # Where cargo builds (CARGO_TARGET_DIR is honoured); the container engine (ENGINE=docker)
 target_dir := env("CARGO_TARGET_DIR", "target")
 engine := env("ENGINE", "podman")

@@ -157,11 +157,31 @@ async fn connect_inner(
     client_id: &str,
     opts: ConnectOpts,
 ) -> anyhow::Result<Conn> {
-    let stream = tls_connect(addr, tls).await?;
-    let (rd, mut writer) = tokio::io::split(stream);
     let mut connect = Connect::new(client_id);
     connect.keep_alive = opts.keep_alive;
     connect.clean_session = opts.clean_session;
+    send_connect(addr, tls, connect).await
+}
+
+/// [`connect`] with a CONNECT packet of the caller's (a will, for instance).
+pub async fn connect_packet(
+    addr: SocketAddr,
+    tls: &TlsConnector,
+    connect: Connect,
+    timeout: Duration,
+) -> anyhow::Result<Conn> {
+    tokio::time::timeout(timeout, send_connect(addr, tls, connect))
+        .await
+        .map_err(|_| anyhow!("no CONNACK within {timeout:?}"))?
+}
+
+async fn send_connect(
+    addr: SocketAddr,
+    tls: &TlsConnector,
+    connect: Connect,
+) -> anyhow::Result<Conn> {
+    let stream = tls_connect(addr, tls).await?;
+    let (rd, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::new();
     connect.write(&mut buf).context("encoding CONNECT")?;
     write_flush(&mut writer, &buf).await?;

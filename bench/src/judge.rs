@@ -137,6 +137,54 @@ const ROWS: &[(&str, &str, &str, Better)] = &[
     ),
     ("latency", "lost", "latency at 1,000/s: lost", Better::Lower),
     (
+        "noisy",
+        "quiet_p99_ms",
+        "noisy neighbour: 1,000/s QoS 1 pair alone, p99 ms",
+        Better::Lower,
+    ),
+    (
+        "noisy",
+        "noisy_p99_ms",
+        "noisy neighbour: the pair beside a QoS 1 flood, p99 ms",
+        Better::Lower,
+    ),
+    (
+        "noisy",
+        "p99_ratio",
+        "noisy neighbour: noisy p99 / quiet p99",
+        Better::Lower,
+    ),
+    (
+        "noisy",
+        "flood_msgs_per_s",
+        "noisy neighbour: the flood's msgs/s delivered to its subscriber",
+        Better::Higher,
+    ),
+    (
+        "noisy-budget",
+        "quiet_p99_ms",
+        "noisy neighbour, read budget (ours): pair alone, p99 ms",
+        Better::Lower,
+    ),
+    (
+        "noisy-budget",
+        "noisy_p99_ms",
+        "noisy neighbour, read budget (ours): beside the flood, p99 ms",
+        Better::Lower,
+    ),
+    (
+        "noisy-budget",
+        "p99_ratio",
+        "noisy neighbour, read budget (ours): noisy p99 / quiet p99",
+        Better::Lower,
+    ),
+    (
+        "noisy-budget",
+        "flood_msgs_per_s",
+        "noisy neighbour, read budget (ours): the flood's msgs/s",
+        Better::Higher,
+    ),
+    (
         "connections",
         "established",
         "connections: established",
@@ -357,6 +405,8 @@ pub fn bars(r: &Results) -> Vec<Bar> {
         ),
     });
 
+    noisy_bar(r, &mut bars);
+
     let offered =
         r.0.iter()
             .find(|v| v["case"] == "connections")
@@ -525,4 +575,73 @@ pub fn bars(r: &Results) -> Vec<Bar> {
         ),
     });
     bars
+}
+
+/// One client flooding must not hurt the others: the pair's p99 beside the flood within 2×
+/// of its p99 alone, on our broker with the default settings; with the read budget (when
+/// that case ran) as well.
+fn noisy_bar(r: &Results, bars: &mut Vec<Bar>) {
+    let o = |c: &str, k: &str| r.median(c, Kind::Ours, k);
+    let defaults = o("noisy", "p99_ratio");
+    let budget = o("noisy-budget", "p99_ratio");
+    let met = match (defaults, budget) {
+        (Some(d), _) if d <= 2.0 => Some(true),
+        (Some(_), Some(b)) => Some(b <= 2.0),
+        (d, _) => d.map(|d| d <= 2.0),
+    };
+    let mut detail = format!(
+        "defaults: ours {} ms alone, {} ms beside the flood ({}×), flood {} msgs/s; \
+         Mosquitto {} / {} ms ({}×)",
+        x(o("noisy", "quiet_p99_ms")),
+        x(o("noisy", "noisy_p99_ms")),
+        x(defaults),
+        x(o("noisy", "flood_msgs_per_s")),
+        x(r.median("noisy", Kind::Mosquitto, "quiet_p99_ms")),
+        x(r.median("noisy", Kind::Mosquitto, "noisy_p99_ms")),
+        x(r.median("noisy", Kind::Mosquitto, "p99_ratio")),
+    );
+    if budget.is_some() {
+        detail.push_str(&format!(
+            "; with the read budget: {} / {} ms ({}×), flood {} msgs/s",
+            x(o("noisy-budget", "quiet_p99_ms")),
+            x(o("noisy-budget", "noisy_p99_ms")),
+            x(budget),
+            x(o("noisy-budget", "flood_msgs_per_s")),
+        ));
+    }
+    bars.push(Bar {
+        name: "noisy neighbour: a 1,000 msgs/s QoS 1 pair's p99 beside a flood within 2× of its p99 alone (ours; with the read budget if the defaults miss)".into(),
+        met,
+        detail,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn run(case: &str, target: &str, ratio: f64) -> Value {
+        json!({"case": case, "target": target, "p99_ratio": ratio, "quiet_p99_ms": 0.2})
+    }
+
+    fn noisy(results: Vec<Value>) -> Bar {
+        let mut bars = Vec::new();
+        noisy_bar(&Results(results), &mut bars);
+        bars.remove(0)
+    }
+
+    #[test]
+    fn noisy_bar_takes_the_budget_only_when_the_defaults_miss() {
+        assert_eq!(noisy(vec![run("noisy", "ours", 1.5)]).met, Some(true));
+        assert_eq!(noisy(vec![run("noisy", "ours", 3.0)]).met, Some(false));
+        let with_budget = noisy(vec![
+            run("noisy", "ours", 3.0),
+            run("noisy-budget", "ours", 1.2),
+            run("noisy", "mosquitto", 5.0),
+        ]);
+        assert_eq!(with_budget.met, Some(true));
+        assert!(with_budget.detail.contains("with the read budget"));
+        assert_eq!(noisy(vec![]).met, None);
+    }
 }

@@ -58,14 +58,29 @@ pub struct AllArgs {
 pub struct Case {
     pub id: &'static str,
     pub args: Vec<String>,
+    /// Run against our broker only (an option Mosquitto has no equivalent of).
+    pub ours_only: bool,
 }
 
 fn case(id: &'static str, args: &str) -> Case {
     Case {
         id,
         args: args.split_whitespace().map(String::from).collect(),
+        ours_only: false,
     }
 }
+
+fn ours_only(id: &'static str, args: &str) -> Case {
+    Case {
+        ours_only: true,
+        ..case(id, args)
+    }
+}
+
+/// The per-connection read budget (packets/s) of the `noisy-budget` case: well above what
+/// the latency pair sends (1,000 publishes or PUBACKs a second per connection), far below
+/// what the flood would.
+const NOISY_BUDGET: u64 = 10_000;
 
 /// The cases of a full or quick pass.
 pub fn cases(quick: bool) -> Vec<Case> {
@@ -91,6 +106,11 @@ pub fn cases(quick: bool) -> Vec<Case> {
             &format!("fanout --qos 1 --persistent --duration {d}"),
         ),
         case("latency", &format!("latency --rate 1000 --duration {lat}")),
+        case("noisy", &format!("noisy --duration {lat}")),
+        ours_only(
+            "noisy-budget",
+            &format!("noisy --duration {lat} --max-packets-per-sec {NOISY_BUDGET}"),
+        ),
         case(
             "connections",
             &format!("connections --count {conns} --rate 1000"),
@@ -149,7 +169,8 @@ pub fn run(args: &AllArgs) -> anyhow::Result<()> {
     let all = cases(args.quick);
     if args.list {
         for c in &all {
-            println!("{:16} bench {}", c.id, c.args.join(" "));
+            let only = if c.ours_only { "  (ours only)" } else { "" };
+            println!("{:16} bench {}{only}", c.id, c.args.join(" "));
         }
         return Ok(());
     }
@@ -215,6 +236,9 @@ pub fn run(args: &AllArgs) -> anyhow::Result<()> {
                 order.reverse();
             }
             for t in order {
+                if c.ours_only && t != Kind::Ours {
+                    continue;
+                }
                 let mut cmd = Command::new(&exe);
                 cmd.args(&c.args)
                     .args(["--target", t.name()])
@@ -363,6 +387,7 @@ fn summary_line(v: &Value) -> String {
         "max_rate_zero_loss",
         "lost",
         "p99_ms",
+        "p99_ratio",
         "established",
         "handshakes_per_s",
         "time_to_all_ms",

@@ -117,7 +117,8 @@ impl SeqTracker {
         seen
     }
 
-    fn seen(&self, seq: u64) -> bool {
+    /// Whether `seq` has been recorded.
+    pub fn seen(&self, seq: u64) -> bool {
         self.bits
             .get((seq / 64) as usize)
             .is_some_and(|w| w & (1 << (seq % 64)) != 0)

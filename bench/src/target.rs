@@ -42,6 +42,16 @@ pub struct Spec {
     /// Messages a session may have queued (both brokers); ours also gets 1 KiB per
     /// message as its byte limit.
     pub max_queued: usize,
+    /// Ours: the per-connection read budget (`[session] max_packets_per_sec`,
+    /// `max_bytes_per_sec`); 0 is off, the default. Mosquitto has no equivalent.
+    pub budget: ReadBudget,
+}
+
+/// Packets and bytes per second one connection may send to our broker; 0: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadBudget {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// A running broker, killed when dropped.
@@ -97,6 +107,8 @@ auto_generate = false
 max_inflight = 100
 max_queued = {max_queued}
 max_queued_bytes = {max_queued_bytes}
+max_packets_per_sec = {packets}
+max_bytes_per_sec = {bytes}
 
 [storage]
 data_dir = {data}
@@ -116,6 +128,8 @@ dir = ""
         data = p(&spec.dir.join("data")),
         max_queued = spec.max_queued,
         max_queued_bytes = spec.max_queued as u64 * 1024,
+        packets = spec.budget.packets,
+        bytes = spec.budget.bytes,
     )
 }
 
@@ -478,6 +492,10 @@ mod tests {
             dir: "/t".into(),
             persistence: true,
             max_queued: 10_000,
+            budget: ReadBudget {
+                packets: 5000,
+                bytes: 0,
+            },
         };
         let m = mosquitto_config(&spec);
         assert!(m.contains("listener 18883 127.0.0.1"));
@@ -487,5 +505,6 @@ mod tests {
         assert!(o.contains("bind = \"127.0.0.1:18883\""));
         assert!(o.contains("ca_file = \"/p/ca.crt\""));
         assert!(!o.lines().any(|l| l.starts_with("[[acl]]")));
+        assert!(o.contains("max_packets_per_sec = 5000\nmax_bytes_per_sec = 0\n"));
     }
 }

@@ -4,16 +4,19 @@
 pub mod archive;
 pub mod connections;
 pub mod durable;
+pub mod flood;
 pub mod flow_args;
 pub mod load;
+pub mod noisy;
 pub mod offline;
 pub mod retained;
 pub mod slowloris;
+pub mod soak;
 pub mod throughput;
 
 use crate::client;
 use crate::pki::Pki;
-use crate::target::{self, Broker, Kind, Spec};
+use crate::target::{self, Broker, Kind, ReadBudget, Spec};
 use anyhow::Context;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -66,6 +69,16 @@ impl Setup {
         persistence: bool,
         max_queued: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_budget(common, persistence, max_queued, ReadBudget::default()).await
+    }
+
+    /// [`Setup::start_queued`] with our broker's per-connection read budget.
+    pub async fn start_budget(
+        common: &Common,
+        persistence: bool,
+        max_queued: usize,
+        budget: ReadBudget,
+    ) -> anyhow::Result<Self> {
         let (pki_dir, pki) = match &common.pki_dir {
             Some(dir) => (None, Pki::ensure(dir)?),
             None => {
@@ -101,6 +114,7 @@ impl Setup {
             dir: dir.path().to_path_buf(),
             persistence,
             max_queued,
+            budget,
         };
         let publisher = client::connector(&pki, "publisher")?;
         let subscriber = client::connector(&pki, "subscriber")?;
