@@ -48,9 +48,13 @@ pub(super) async fn run(
     ready: oneshot::Sender<()>,
 ) {
     let name = bridge.config.name.clone();
-    if let Err(e) = bridge.prepare_local().await {
-        warn!(bridge = %name, error = %e, "bridge: local subscriptions not made; retried at each connection");
-    }
+    let mut subscribed_locally = match bridge.prepare_local().await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(bridge = %name, error = %e, "bridge: local subscriptions not made; retried at the next connection");
+            false
+        }
+    };
     let _ = ready.send(());
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -84,7 +88,7 @@ pub(super) async fn run(
                 backoff.reset();
                 failures.reset();
                 info!(bridge = %name, address = %bridge.config.address, client_id = %bridge.config.remote_client_id(),
-                    protocol = ?bridge.config.protocol, session_present = welcome.session_present, "bridge connected");
+                    protocol = bridge.config.protocol.name(), session_present = welcome.session_present, "bridge connected");
                 bridge.metrics.connected.set(1);
                 let resubscribe = !subscribed_upstream || !welcome.session_present;
                 let ended = bridge
@@ -93,6 +97,7 @@ pub(super) async fn run(
                         welcome.receive_maximum,
                         resubscribe,
                         &mut subscribed_upstream,
+                        &mut subscribed_locally,
                         &mut stop,
                     )
                     .await;
@@ -169,6 +174,7 @@ impl Bridge {
         upstream_receive_max: Option<u16>,
         resubscribe: bool,
         subscribed_upstream: &mut bool,
+        subscribed_locally: &mut bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
         let name = &self.config.name;
@@ -195,18 +201,32 @@ impl Bridge {
             }
         };
         let mut relay = Relay::new(self.routes.clone(), self.echoing());
-        if !present {
-            // The local session was lost (its store quarantined, say): subscribe again.
-            // A new session has nothing to send before its SUBACK.
-            if let Err(e) = subscribe(&mut local, self.routes.local_filters(), LOCAL).await {
-                remote.close();
-                local.close();
-                return Ended::Lost(e);
+        let mut local_early = Vec::new();
+        if !present || !*subscribed_locally {
+            // The local session was lost (its store quarantined, say), or the first
+            // subscription failed: subscribe again.
+            match subscribe(&mut local, self.routes.local_filters(), LOCAL).await {
+                Ok(packets) => local_early = packets,
+                Err(e) => {
+                    remote.close();
+                    local.close();
+                    return Ended::Lost(e);
+                }
             }
+            *subscribed_locally = true;
         }
         let now = Instant::now();
-        for packet in early {
-            match relay.on_remote(packet, now) {
+        let early = early
+            .into_iter()
+            .map(|p| (true, p))
+            .chain(local_early.into_iter().map(|p| (false, p)));
+        for (from_remote, packet) in early {
+            let steps = if from_remote {
+                relay.on_remote(packet, now)
+            } else {
+                relay.on_local(packet, now)
+            };
+            match steps {
                 Ok(steps) => {
                     for step in steps {
                         self.apply(step, &mut relay, &mut local, &mut remote);

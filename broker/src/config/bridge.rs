@@ -147,6 +147,16 @@ pub enum BridgeProtocol {
     V5,
 }
 
+impl BridgeProtocol {
+    /// As `protocol` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        }
+    }
+}
+
 impl TryFrom<String> for BridgeProtocol {
     type Error = String;
 
