@@ -102,11 +102,16 @@ impl Attachment {
         limits: &SessionConfig,
     ) -> Self {
         let info = client.info;
-        let throttle = Throttle::new(
-            limits.max_packets_per_sec,
-            limits.max_bytes_per_sec,
-            Instant::now(),
-        );
+        // A bridge (limits of its own) carries many clients' traffic: not throttled as one.
+        let throttle = if client.limits.is_some() {
+            None
+        } else {
+            Throttle::new(
+                limits.max_packets_per_sec,
+                limits.max_bytes_per_sec,
+                Instant::now(),
+            )
+        };
         Self {
             framed: client.framed,
             identity: client.identity,

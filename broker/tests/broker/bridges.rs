@@ -533,3 +533,49 @@ async fn an_unreachable_upstream_queues_up_to_the_limit_and_counts_the_rest() {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
 }
+
+/// A bridge carries many clients' messages: the per-connection read budget does not
+/// slow it (a client over the same budget is slowed, as `limits` tests).
+#[tokio::test]
+async fn the_read_budget_does_not_slow_a_bridge() {
+    let upstream = TestBroker::start().await;
+    let b = bridge_to(
+        &upstream,
+        "budget",
+        BridgeProtocol::V5,
+        &[("flujo/#", Direction::In, "", "")],
+    );
+    let edge = TestBroker::start_with(|c| {
+        c.session.max_packets_per_sec = 20;
+        c.bridge.push(b);
+    })
+    .await;
+    wait_for_log(&["bridge connected", "budget"]).await;
+    let mut down = edge.client("subscriber", "down").await;
+    down.subscribe("flujo/#", QoS::AtLeastOnce).await;
+    let mut up_pub = upstream.client("publisher", "up-pub").await;
+    for i in 0..100 {
+        up_pub
+            .publish(
+                "flujo/a",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await;
+    }
+    for i in 0..100 {
+        assert_eq!(text(&down.next_publish().await).1, format!("{i}"));
+    }
+    let logs = captured()
+        .text
+        .lock()
+        .map(|t| t.clone())
+        .unwrap_or_default();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("over its read budget") && l.contains("$bridge/budget")),
+        "the bridge was throttled"
+    );
+}
