@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a server may take to become ready.
-const READY: Duration = Duration::from_secs(30);
+const READY: Duration = Duration::from_secs(60);
 /// How often readiness is polled.
 const POLL: Duration = Duration::from_millis(25);
 
