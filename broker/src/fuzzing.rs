@@ -383,3 +383,10 @@ impl Input<'_> {
         }
     }
 }
+
+/// Bytes from a server as a bridge reads them (first byte: version and side), decoded,
+/// relayed and the results encoded: never a panic. The packets relayed, or why decoding
+/// stopped.
+pub fn bridge(data: &[u8]) -> Result<usize, String> {
+    crate::bridge::fuzz_relay(data)
+}

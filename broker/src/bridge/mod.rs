@@ -170,3 +170,62 @@ async fn apply(
         }
     }
 }
+
+/// For the fuzz target `bridge` (`crate::fuzzing`): `data` as packets from a server
+/// (the upstream in 3.1.1 or 5.0, or the local session), decoded and relayed; each step
+/// is encoded for the side it goes to. The packets relayed, or why decoding stopped.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_relay(data: &[u8]) -> Result<usize, String> {
+    use crate::config::{BridgeTopic, Direction};
+    use crate::protocol::Version;
+    let Some((&mode, rest)) = data.split_first() else {
+        return Ok(0);
+    };
+    let version = if mode & 1 == 0 {
+        Version::V311
+    } else {
+        Version::V5
+    };
+    let from_remote = mode & 2 == 0;
+    let topic = |pattern: &str, direction, local: &str, remote: &str| BridgeTopic {
+        pattern: pattern.into(),
+        direction,
+        qos: 2,
+        local_prefix: local.into(),
+        remote_prefix: remote.into(),
+    };
+    let routes = routes::Routes::new(&[
+        topic("articulos/#", Direction::Both, "", "sites/e/"),
+        topic("+/x", Direction::In, "in/", ""),
+    ]);
+    let mut relay = relay::Relay::new(routes, version == Version::V311);
+    let mut buf = bytes::BytesMut::from(rest);
+    let now = std::time::Instant::now();
+    let mut relayed = 0;
+    loop {
+        let side = if from_remote { version } else { Version::V5 };
+        let packet = match wire::decode(side, &mut buf, 1 << 20) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(relayed),
+            Err(e) => return Err(e.to_string()),
+        };
+        let steps = if from_remote {
+            relay.on_remote(packet, now)
+        } else {
+            relay.on_local(packet, now)
+        };
+        let Ok(steps) = steps else {
+            return Ok(relayed);
+        };
+        relayed += 1;
+        let mut out = bytes::BytesMut::new();
+        for step in steps {
+            // Encoding may refuse (a packet too large): never panic.
+            let _ = match step {
+                relay::Step::ToLocal(p) => wire::encode(Version::V5, p, &mut out, None),
+                relay::Step::ToRemote(p) => wire::encode(version, p, &mut out, Some(1 << 20)),
+                relay::Step::Refused { .. } => Ok(()),
+            };
+        }
+    }
+}
