@@ -171,7 +171,7 @@ async fn apply(
     }
 }
 
-/// For the fuzz target `bridge` (`crate::fuzzing`): `data` as packets from a server
+/// For the fuzz target `bridge` (through the crate's `fuzzing` module): `data` as packets from a server
 /// (the upstream in 3.1.1 or 5.0, or the local session), decoded and relayed; each step
 /// is encoded for the side it goes to. The packets relayed, or why decoding stopped.
 #[cfg(feature = "fuzzing")]
