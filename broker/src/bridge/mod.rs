@@ -171,9 +171,10 @@ async fn apply(
     }
 }
 
-/// For the fuzz target `bridge` (through the crate's `fuzzing` module): `data` as packets from a server
-/// (the upstream in 3.1.1 or 5.0, or the local session), decoded and relayed; each step
-/// is encoded for the side it goes to. The packets relayed, or why decoding stopped.
+/// For the fuzz target `bridge` (through the crate's `fuzzing` module): `data` as
+/// packets from a server (the upstream in 3.1.1 or 5.0, or the local session), decoded
+/// and relayed; each step is encoded for the side it goes to. The packets relayed, or
+/// why decoding stopped.
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz_relay(data: &[u8]) -> Result<usize, String> {
     use crate::config::{BridgeTopic, Direction};
