@@ -161,7 +161,7 @@ impl TryFrom<String> for SyncMode {
 
 /// What a full queue of an offline session gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum QueueFull {
     /// The message that does not fit (as Mosquitto does).
     #[default]
@@ -172,13 +172,41 @@ pub enum QueueFull {
 
 /// What to do with a store that cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum OnCorruption {
     /// Move it aside, log where, and start empty.
     #[default]
     Quarantine,
     /// Refuse to start.
     Fail,
+}
+
+impl TryFrom<String> for QueueFull {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "drop_new" => Ok(Self::DropNew),
+            "drop_oldest" => Ok(Self::DropOldest),
+            other => Err(format!(
+                "session.queue_full must be \"drop_new\" or \"drop_oldest\", not \"{other}\""
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for OnCorruption {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "quarantine" => Ok(Self::Quarantine),
+            "fail" => Ok(Self::Fail),
+            other => Err(format!(
+                "storage.on_corruption must be \"quarantine\" or \"fail\", not \"{other}\""
+            )),
+        }
+    }
 }
 
 /// One `[[acl]]` rule: what an identity may publish to and subscribe to, and what not.
@@ -589,6 +617,23 @@ mod tests {
         let path = write(dir.path(), "[storage]\nsync = \"fast\"\n");
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("sync") && err.contains("disk"), "{err}");
+        let path = write(dir.path(), "[storage]\non_corruption = \"ignore\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("storage.on_corruption") && err.contains("quarantine"),
+            "{err}"
+        );
+        let path = write(dir.path(), "[session]\nqueue_full = \"block\"\n");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("session.queue_full") && err.contains("drop_oldest"),
+            "{err}"
+        );
+        let path = write(dir.path(), "[session]\nqueue_full = \"drop_oldest\"\n");
+        assert_eq!(
+            Config::load(&path).unwrap().session.queue_full,
+            QueueFull::DropOldest
+        );
     }
 
     #[test]
