@@ -135,6 +135,17 @@ impl Ctx {
         !self.stopping()
     }
 
+    /// A persistent subscriber's time away: with a DISCONNECT (`clean`, offline 2–8 s) or
+    /// its connection dropped (offline 1–5 s), counted.
+    pub async fn away(&self, rng: &mut Rng, clean: bool) {
+        Counters::add(&self.counters.offline_periods);
+        if !clean {
+            Counters::add(&self.counters.abrupt_closes);
+        }
+        let (low, high) = if clean { (2.0, 8.0) } else { (1.0, 5.0) };
+        self.pause(rng.secs(low, high)).await;
+    }
+
     /// Whether the broker was up, and not about to be killed, for the whole of a
     /// connection that started in `epoch` and ended now: only then must its will arrive
     /// (or, after a DISCONNECT, not arrive). A will fired in the 3 s before the SIGKILL
@@ -317,14 +328,7 @@ pub async fn receive_for(
         if left.is_zero() {
             return Ok(());
         }
-        let stopped = async {
-            match stop.as_mut() {
-                Some(s) => {
-                    let _ = s.changed().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let stopped = stop_signal(&mut stop);
         tokio::select! {
             r = tokio::time::timeout(left, link.conn.reader.fill()) => match r {
                 Ok(Ok(true)) | Err(_) => {}
@@ -394,6 +398,16 @@ impl Rng {
     /// True with probability `p`.
     pub fn chance(&mut self, p: f64) -> bool {
         ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// Completes when `stop` changes; never, without one.
+pub async fn stop_signal(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop.as_mut() {
+        Some(s) => {
+            let _ = s.changed().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

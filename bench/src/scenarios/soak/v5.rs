@@ -4,7 +4,7 @@
 //! behaves as the 3.1.1 ones in workers.rs: subscribed once at QoS 2, it leaves (with a
 //! DISCONNECT or without), takes over its own session, and drains at the end.
 
-use super::ctx::{Counters, Ctx, Inbox, LiveGuard, Rng};
+use super::ctx::{stop_signal, Counters, Ctx, Inbox, LiveGuard, Rng};
 use super::workers::{Expected, SubOutcome};
 use crate::client::{self, write_flush, TlsStream, MAX_PACKET};
 use crate::payload;
@@ -172,14 +172,7 @@ impl Link5 {
             if left.is_zero() {
                 return Ok(());
             }
-            let stopped = async {
-                match stop.as_mut() {
-                    Some(s) => {
-                        let _ = s.changed().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let stopped = stop_signal(&mut stop);
             tokio::select! {
                 r = tokio::time::timeout(left, self.fill()) => match r {
                     Ok(Ok(true)) | Err(_) => {}
@@ -278,13 +271,10 @@ pub async fn persistent_subscriber(
         let dice = rng.next_u64() % 10;
         if dice < 4 {
             l.disconnect().await;
-            Counters::add(&ctx.counters.offline_periods);
-            ctx.pause(rng.secs(2.0, 8.0)).await;
+            ctx.away(&mut rng, true).await;
         } else if dice < 7 {
             drop(l);
-            Counters::add(&ctx.counters.abrupt_closes);
-            Counters::add(&ctx.counters.offline_periods);
-            ctx.pause(rng.secs(1.0, 5.0)).await;
+            ctx.away(&mut rng, false).await;
         } else {
             let epoch = ctx.epoch();
             link = Link5::connect(&ctx, &id, None).await;

@@ -263,13 +263,10 @@ pub async fn persistent_subscriber(
         let dice = (rng.next_u64() % 10) as u8;
         if dice < 4 {
             l.disconnect().await;
-            Counters::add(&ctx.counters.offline_periods);
-            ctx.pause(rng.secs(2.0, 8.0)).await;
+            ctx.away(&mut rng, true).await;
         } else if dice < 7 {
             drop(l);
-            Counters::add(&ctx.counters.abrupt_closes);
-            Counters::add(&ctx.counters.offline_periods);
-            ctx.pause(rng.secs(1.0, 5.0)).await;
+            ctx.away(&mut rng, false).await;
         } else {
             link = takeover(&ctx, l, &packet, &mut out.inbox).await;
         }
